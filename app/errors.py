@@ -1,0 +1,36 @@
+"""Domain exceptions. They cross layers as they are and become HTTP codes only in app/api."""
+
+
+class JobdockError(Exception):
+    """Jobdock failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.__doc__ or type(self).__name__)
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class JobNotFound(JobdockError):
+    """No job has this id."""
+
+
+class JobAlreadyFinished(JobdockError):
+    """The job has already finished."""
+
+
+class InvalidCursor(JobdockError):
+    """The cursor is not one that this service handed out."""
+
+
+class EngineError(JobdockError):
+    """The Docker engine failed."""
+
+
+class EngineUnreachable(EngineError):
+    """The Docker engine cannot be reached."""
+
+
+class ImageNotFound(EngineError):
+    """The image is not on the engine and cannot be pulled."""

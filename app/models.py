@@ -1,0 +1,260 @@
+"""Job data: the table, what a caller submits, and what a caller reads back."""
+
+import re
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import BaseModel, ConfigDict, field_validator
+from sqlmodel import Field, SQLModel
+
+IMAGE_MAX_LENGTH = 255
+COMMAND_MAX_ARGS = 256
+ENV_MAX_VARS = 256
+ARG_MAX_BYTES = 128 * 1024
+
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*(?::[0-9]+)?"
+_TAG = r"[\w][\w.-]{0,127}"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+# Docker's reference grammar (distribution/reference), without IPv6 registry hosts.
+IMAGE_REFERENCE = re.compile(
+    rf"^(?:(?P<domain>{_DOMAIN})/)?(?P<path>{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
+    rf"(?::(?P<tag>{_TAG}))?(?:@(?P<digest>{_DIGEST}))?$"
+)
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Stores naive UTC on every backend and hands back aware UTC datetimes.
+
+    SQLite has no time zones; storing naive UTC everywhere keeps ordering and
+    comparisons identical on SQLite and PostgreSQL.
+    """
+
+    impl = sa.DateTime(timezone=False)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+class JobState(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    timed_out = "timed_out"
+    cancelled = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self not in (JobState.queued, JobState.running)
+
+
+TERMINAL_STATES = tuple(s for s in JobState if s.is_terminal)
+
+
+# What a job asks to run; shared by the submission, the table and the response.
+class JobBase(SQLModel):
+    image: str = Field(max_length=IMAGE_MAX_LENGTH)
+    command: list[str] | None = Field(default=None, sa_type=sa.JSON)
+    env: dict[str, str] = Field(default_factory=dict, sa_type=sa.JSON)
+    working_dir: str | None = Field(default=None, max_length=4096)
+    cpu_shares: int | None = Field(default=None, ge=2, le=262144)
+    memory_mb: int | None = Field(default=None, ge=6)
+    timeout_seconds: int | None = Field(default=None, ge=1)
+
+
+# The body of POST /jobs. Caps that depend on settings are checked in the API layer.
+class JobCreate(JobBase):
+    model_config = ConfigDict(  # type: ignore[assignment]
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "image": "busybox:latest",
+                    "command": ["sh", "-c", "echo hi"],
+                    "env": {"GREETING": "hello"},
+                    "working_dir": "/tmp",
+                    "cpu_shares": 512,
+                    "memory_mb": 256,
+                    "timeout_seconds": 30,
+                }
+            ]
+        },
+    )
+
+    @field_validator("image")
+    @classmethod
+    def _image_is_a_reference(cls, image: str) -> str:
+        if not image:
+            raise ValueError("image must not be empty")
+        match = IMAGE_REFERENCE.match(image)
+        if match is None:
+            raise ValueError(
+                "image is not a valid Docker image reference "
+                "(lowercase repository, optional registry host, :tag and @digest; no spaces)"
+            )
+        domain = match.group("domain")
+        if domain is not None and not ("." in domain or ":" in domain or domain == "localhost"):
+            # Docker reads "Foo/bar" as a repository path, and paths must be lowercase.
+            if domain != domain.lower():
+                raise ValueError("image repository must be lowercase")
+        return image
+
+    @field_validator("command")
+    @classmethod
+    def _command_is_argv(cls, command: list[str] | None) -> list[str] | None:
+        if command is None:
+            return None
+        if not command:
+            raise ValueError("command must not be empty; omit it to run the image's default")
+        if len(command) > COMMAND_MAX_ARGS:
+            raise ValueError(f"command has {len(command)} arguments; at most {COMMAND_MAX_ARGS}")
+        for index, arg in enumerate(command):
+            if "\x00" in arg:
+                raise ValueError(f"command argument {index} contains a NUL byte")
+            if len(arg.encode()) > ARG_MAX_BYTES:
+                raise ValueError(f"command argument {index} is longer than {ARG_MAX_BYTES} bytes")
+        return command
+
+    @field_validator("env")
+    @classmethod
+    def _env_is_valid(cls, env: dict[str, str]) -> dict[str, str]:
+        if len(env) > ENV_MAX_VARS:
+            raise ValueError(f"env has {len(env)} variables; at most {ENV_MAX_VARS}")
+        for name, value in env.items():
+            if not ENV_NAME.match(name):
+                raise ValueError(
+                    f"env name {name!r} is not a valid variable name "
+                    "(letters, digits and _, not starting with a digit)"
+                )
+            if "\x00" in value:
+                raise ValueError(f"env value of {name} contains a NUL byte")
+            if len(value.encode()) > ARG_MAX_BYTES:
+                raise ValueError(f"env value of {name} is longer than {ARG_MAX_BYTES} bytes")
+        return env
+
+    @field_validator("working_dir")
+    @classmethod
+    def _working_dir_is_absolute(cls, working_dir: str | None) -> str | None:
+        if working_dir is None:
+            return None
+        if not working_dir.startswith("/") or "\x00" in working_dir:
+            raise ValueError("working_dir must be an absolute path without NUL bytes")
+        return working_dir
+
+
+# The limits the engine actually applied, read back from the created container.
+class AppliedLimits(BaseModel):
+    cpu_shares: int
+    memory_bytes: int
+    memory_swap_bytes: int
+    pids_limit: int
+    timeout_seconds: int
+    output_limit_bytes: int
+    network_mode: str
+
+
+# The stored job. Never returned directly: see JobSummary and JobPublic.
+class Job(JobBase, table=True):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        sa.Index("ix_jobs_claim", "state", "priority", "created_at"),
+        sa.Index("ix_jobs_created_at", "created_at"),
+        sa.Index("ix_jobs_lease", "state", "lease_expires_at"),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    state: JobState = Field(
+        default=JobState.queued,
+        sa_type=sa.Enum(
+            JobState,
+            native_enum=False,
+            length=16,
+            values_callable=lambda states: [s.value for s in states],
+        ),
+    )
+    # Filled in at submission from settings when the caller leaves them out.
+    cpu_shares: int = Field(ge=2, le=262144)
+    memory_mb: int = Field(ge=6)
+    timeout_seconds: int = Field(ge=1)
+
+    priority: int = Field(default=0)
+    run_after: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime)
+    attempt: int = Field(default=0)
+    worker_id: str | None = Field(default=None, max_length=255)
+    lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    cancel_requested: bool = Field(default=False)
+    container_id: str | None = Field(default=None, max_length=128)
+    limits: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+
+    exit_code: int | None = None
+    stdout: str = Field(default="", sa_type=sa.Text)
+    stderr: str = Field(default="", sa_type=sa.Text)
+    output_truncated: bool = Field(default=False)
+    error: str | None = Field(default=None, sa_type=sa.Text)
+
+    created_at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime)
+    started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+# A job as listed: everything but its output.
+class JobSummary(JobBase):
+    id: uuid.UUID
+    state: JobState
+    cpu_shares: int
+    memory_mb: int
+    timeout_seconds: int
+    exit_code: int | None
+    output_truncated: bool
+    error: str | None
+    attempt: int
+    cancel_requested: bool
+    limits: AppliedLimits | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+# A job as read by id: the summary plus stdout and stderr.
+class JobPublic(JobSummary):
+    stdout: str
+    stderr: str
+
+
+# One page of GET /jobs, newest first.
+class JobPage(BaseModel):
+    items: list[JobSummary]
+    next_cursor: str | None
+
+
+# The body of every error response.
+class ErrorBody(BaseModel):
+    detail: str
+
+
+# What a worker writes when a job reaches a terminal state.
+class JobResult(BaseModel):
+    state: JobState
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    output_truncated: bool = False
+    error: str | None = None

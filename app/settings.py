@@ -1,0 +1,68 @@
+"""Every setting of Jobdock, read once from `JOBDOCK_*` environment variables."""
+
+import os
+import socket
+from functools import lru_cache
+from typing import Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """Operator settings. Job submitters can only ask for less than these caps."""
+
+    model_config = SettingsConfigDict(env_prefix="JOBDOCK_", extra="ignore")
+
+    # Where jobs are stored: SQLite file by default, or postgresql+asyncpg://...
+    database_url: str = "sqlite+aiosqlite:///./jobdock.db"
+    # Docker engine address; empty means DOCKER_HOST, then the local socket.
+    docker_host: str | None = None
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+    workers: int = Field(default=4, ge=0, le=256)
+    worker_id: str = Field(default_factory=_default_worker_id, min_length=1, max_length=255)
+    poll_interval_seconds: float = Field(default=2.0, gt=0)
+    lease_seconds: float = Field(default=30.0, gt=0)
+    heartbeat_interval_seconds: float = Field(default=5.0, gt=0)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+
+    default_cpu_shares: int = Field(default=1024, ge=2, le=262144)
+    default_memory_mb: int = Field(default=256, ge=6)
+    max_memory_mb: int = Field(default=4096, ge=6)
+    default_timeout_seconds: int = Field(default=300, ge=1)
+    max_timeout_seconds: int = Field(default=3600, ge=1)
+    pids_limit: int = Field(default=256, ge=8)
+    output_limit_bytes: int = Field(default=MIB, ge=1024)
+    # Size of the engine's own json-file log per container (disk, not service memory).
+    engine_log_max_bytes: int = Field(default=64 * MIB, ge=MIB)
+    pull_timeout_seconds: float = Field(default=300.0, gt=0)
+    # Deadline for a single short engine call (create, start, inspect, kill, remove).
+    engine_call_timeout_seconds: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _defaults_within_caps(self) -> Self:
+        if self.default_memory_mb > self.max_memory_mb:
+            raise ValueError("default_memory_mb must not exceed max_memory_mb")
+        if self.default_timeout_seconds > self.max_timeout_seconds:
+            raise ValueError("default_timeout_seconds must not exceed max_timeout_seconds")
+        if self.heartbeat_interval_seconds >= self.lease_seconds:
+            raise ValueError("heartbeat_interval_seconds must be shorter than lease_seconds")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,252 @@
+"""Every query on jobs. Writes are single statements, so SQLite and PostgreSQL behave alike."""
+
+import base64
+import binascii
+import json
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import defer
+from sqlmodel import col
+
+from app.errors import InvalidCursor, JobAlreadyFinished, JobNotFound
+from app.models import AppliedLimits, Job, JobCreate, JobResult, JobState, utc_now
+from app.settings import Settings
+
+LOST_WITH_WORKER = "lost with its worker: its lease expired while it was running"
+
+
+def parse_job_id(raw: str) -> uuid.UUID:
+    """Read a job id from a URL; anything that is not a UUID names no job."""
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise JobNotFound(f"no job has the id {raw!r}") from None
+
+
+async def create_job(*, session: AsyncSession, job_in: JobCreate, settings: Settings) -> Job:
+    job = Job.model_validate(
+        job_in,
+        update={
+            "cpu_shares": job_in.cpu_shares or settings.default_cpu_shares,
+            "memory_mb": job_in.memory_mb or settings.default_memory_mb,
+            "timeout_seconds": job_in.timeout_seconds or settings.default_timeout_seconds,
+        },
+    )
+    session.add(job)
+    await session.commit()
+    return job
+
+
+async def get_job(*, session: AsyncSession, job_id: uuid.UUID) -> Job:
+    job = await session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        raise JobNotFound(f"no job has the id {job_id}")
+    return job
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id.hex]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, job_id = json.loads(raw)
+        position = datetime.fromisoformat(created_at), uuid.UUID(job_id)
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        raise InvalidCursor() from None
+    if position[0].tzinfo is None:
+        raise InvalidCursor()
+    return position
+
+
+async def list_jobs(
+    *,
+    session: AsyncSession,
+    state: JobState | None = None,
+    limit: int,
+    cursor: str | None = None,
+) -> tuple[Sequence[Job], str | None]:
+    """One page of jobs, newest first, without their output."""
+    query = select(Job).options(defer(Job.stdout), defer(Job.stderr))  # type: ignore[arg-type]
+    if state is not None:
+        query = query.where(col(Job.state) == state)
+    if cursor is not None:
+        created_at, job_id = _decode_cursor(cursor)
+        query = query.where(
+            or_(
+                col(Job.created_at) < created_at,
+                and_(col(Job.created_at) == created_at, col(Job.id) < job_id),
+            )
+        )
+    query = query.order_by(col(Job.created_at).desc(), col(Job.id).desc()).limit(limit + 1)
+    jobs = (await session.execute(query)).scalars().all()
+    if len(jobs) > limit:
+        return jobs[:limit], _encode_cursor(jobs[limit - 1])
+    return jobs, None
+
+
+async def cancel_job(*, session: AsyncSession, job_id: uuid.UUID) -> Job:
+    """Cancel a queued job at once, or ask the worker of a running job to kill it."""
+    now = utc_now()
+    cancelled = await session.execute(
+        update(Job)
+        .where(col(Job.id) == job_id, col(Job.state) == JobState.queued)
+        .values(
+            state=JobState.cancelled,
+            cancel_requested=True,
+            error="cancelled before it started",
+            finished_at=now,
+        )
+        .returning(Job)
+        .execution_options(populate_existing=True)
+    )
+    job = cancelled.scalar_one_or_none()
+    if job is None:
+        requested = await session.execute(
+            update(Job)
+            .where(col(Job.id) == job_id, col(Job.state) == JobState.running)
+            .values(cancel_requested=True)
+            .returning(Job)
+            .execution_options(populate_existing=True)
+        )
+        job = requested.scalar_one_or_none()
+    await session.commit()
+    if job is not None:
+        return job
+    existing = await get_job(session=session, job_id=job_id)
+    raise JobAlreadyFinished(f"job {job_id} has already finished: it is {existing.state.value}")
+
+
+async def claim_next_job(
+    *, session: AsyncSession, worker_id: str, lease_seconds: float
+) -> Job | None:
+    """Atomically move the best queued job to running under this worker's lease."""
+    now = utc_now()
+    best = (
+        select(Job.id)
+        .where(col(Job.state) == JobState.queued, col(Job.run_after) <= now)
+        .order_by(col(Job.priority).desc(), col(Job.created_at).asc())
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    result = await session.execute(
+        update(Job)
+        .where(col(Job.id) == best, col(Job.state) == JobState.queued)
+        .values(
+            state=JobState.running,
+            worker_id=worker_id,
+            attempt=col(Job.attempt) + 1,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            started_at=now,
+        )
+        .returning(Job)
+        .execution_options(populate_existing=True)
+    )
+    job = result.scalar_one_or_none()
+    await session.commit()
+    return job
+
+
+def _held_by(job_id: uuid.UUID, worker_id: str) -> list[object]:
+    return [
+        col(Job.id) == job_id,
+        col(Job.worker_id) == worker_id,
+        col(Job.state) == JobState.running,
+    ]
+
+
+async def record_container(
+    *,
+    session: AsyncSession,
+    job_id: uuid.UUID,
+    worker_id: str,
+    container_id: str,
+    limits: AppliedLimits,
+) -> None:
+    await session.execute(
+        update(Job)
+        .where(*_held_by(job_id, worker_id))  # type: ignore[arg-type]
+        .values(container_id=container_id, limits=limits.model_dump())
+    )
+    await session.commit()
+
+
+async def renew_leases(
+    *, session: AsyncSession, worker_id: str, job_ids: Sequence[uuid.UUID], lease_seconds: float
+) -> dict[uuid.UUID, bool]:
+    """Extend this worker's leases; returns each still-held job and whether cancel was asked."""
+    if not job_ids:
+        return {}
+    result = await session.execute(
+        update(Job)
+        .where(
+            col(Job.id).in_(job_ids),
+            col(Job.worker_id) == worker_id,
+            col(Job.state) == JobState.running,
+        )
+        .values(lease_expires_at=utc_now() + timedelta(seconds=lease_seconds))
+        .returning(col(Job.id), col(Job.cancel_requested))
+    )
+    held = {job_id: cancel for job_id, cancel in result.tuples()}
+    await session.commit()
+    return held
+
+
+async def finish_job(
+    *, session: AsyncSession, job_id: uuid.UUID, worker_id: str, result: JobResult
+) -> bool:
+    """Write a terminal state, only while this worker's claim holds. False if it did not."""
+    if not result.state.is_terminal:
+        raise ValueError(f"{result.state} is not a terminal state")
+    written = await session.execute(
+        update(Job)
+        .where(*_held_by(job_id, worker_id))  # type: ignore[arg-type]
+        .values(
+            state=result.state,
+            exit_code=result.exit_code,
+            stdout=result.stdout,
+            stderr=result.stderr,
+            output_truncated=result.output_truncated,
+            error=result.error,
+            finished_at=utc_now(),
+            lease_expires_at=None,
+        )
+        .returning(col(Job.id))
+    )
+    finished = written.scalar_one_or_none() is not None
+    await session.commit()
+    return finished
+
+
+async def fail_lost_jobs(*, session: AsyncSession) -> list[uuid.UUID]:
+    """End running jobs whose worker stopped renewing its lease."""
+    now = utc_now()
+    result = await session.execute(
+        update(Job)
+        .where(col(Job.state) == JobState.running, col(Job.lease_expires_at) < now)
+        .values(
+            state=JobState.failed, error=LOST_WITH_WORKER, finished_at=now, lease_expires_at=None
+        )
+        .returning(col(Job.id))
+    )
+    lost = list(result.scalars().all())
+    await session.commit()
+    return lost
+
+
+async def get_states(
+    *, session: AsyncSession, job_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, JobState]:
+    if not job_ids:
+        return {}
+    rows = await session.execute(
+        select(col(Job.id), col(Job.state)).where(col(Job.id).in_(job_ids))
+    )
+    return {job_id: JobState(state) for job_id, state in rows.tuples()}

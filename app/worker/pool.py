@@ -1,0 +1,343 @@
+"""The worker pool: bounded concurrency, claiming, leases, cancellation and graceful stop.
+
+The pool owns what runs when; every query goes through app.store and every engine call
+through a JobRunner, so the pool itself holds neither SQL nor HTTP.
+"""
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from app import store
+from app.db import SessionFactory
+from app.errors import EngineError
+from app.models import AppliedLimits, Job, JobResult, JobState
+from app.settings import MIB, Settings
+from app.worker.runner import (
+    ContainerRun,
+    JobSpec,
+    LabelledContainer,
+    OnCreated,
+    StopReason,
+)
+
+logger = logging.getLogger(__name__)
+
+INTERRUPTED = "interrupted: the worker shut down before the job finished"
+
+
+class JobRunner(Protocol):
+    """What the pool needs of an engine; ContainerRunner is the real one."""
+
+    async def run(
+        self, spec: JobSpec, *, cancel: asyncio.Event, on_created: OnCreated
+    ) -> ContainerRun: ...
+
+    async def list_job_containers(self) -> list[LabelledContainer]: ...
+
+    async def remove_container(self, container_id: str) -> None: ...
+
+
+@dataclass
+class RunningJob:
+    job: Job
+    task: "asyncio.Task[None]"
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def spec_of(job: Job) -> JobSpec:
+    return JobSpec(
+        job_id=job.id,
+        attempt=job.attempt,
+        image=job.image,
+        command=job.command,
+        env=dict(job.env),
+        working_dir=job.working_dir,
+        cpu_shares=job.cpu_shares,
+        memory_mb=job.memory_mb,
+        timeout_seconds=job.timeout_seconds,
+    )
+
+
+def result_of(job: Job, run: ContainerRun) -> JobResult:
+    """Decide a finished container's terminal state and the reason a caller reads."""
+    output = {
+        "stdout": run.stdout,
+        "stderr": run.stderr,
+        "output_truncated": run.output_truncated,
+    }
+    truncated_note = (
+        f"output truncated: only the first {run.limits.output_limit_bytes} bytes "
+        "of each stream were kept"
+    )
+    if run.stop_reason is StopReason.cancelled:
+        return JobResult(state=JobState.cancelled, error="cancelled while running", **output)
+    if run.stop_reason is StopReason.timed_out:
+        return JobResult(
+            state=JobState.timed_out,
+            error=f"timed out after {job.timeout_seconds} s; the container was killed",
+            **output,
+        )
+    if run.oom_killed:
+        return JobResult(
+            state=JobState.failed,
+            exit_code=run.exit_code,
+            error=(
+                "out of memory: the container was killed at its memory limit of "
+                f"{run.limits.memory_bytes // MIB} MiB"
+            ),
+            **output,
+        )
+    if run.exit_code == 0:
+        return JobResult(state=JobState.succeeded, exit_code=0, **output)
+    return JobResult(
+        state=JobState.failed,
+        exit_code=run.exit_code,
+        error=truncated_note if run.output_truncated else None,
+        **output,
+    )
+
+
+class WorkerPool:
+    """Runs at most `concurrency` jobs at once from the shared queue."""
+
+    def __init__(
+        self,
+        *,
+        session_factory: SessionFactory,
+        runner: JobRunner,
+        settings: Settings,
+        worker_id: str | None = None,
+        concurrency: int | None = None,
+    ) -> None:
+        self._sessions = session_factory
+        self._runner = runner
+        self._settings = settings
+        self.worker_id = worker_id or settings.worker_id
+        self.concurrency = concurrency if concurrency is not None else settings.workers
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._wakeup = asyncio.Event()
+        self._running: dict[uuid.UUID, RunningJob] = {}
+        self._claim_task: asyncio.Task[None] | None = None
+        self._side_tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.concurrency == 0:
+            return
+        self._claim_task = self._spawn("claim", self._claim_loop)
+        self._side_tasks = [
+            self._spawn("heartbeat", self._heartbeat_loop),
+            self._spawn("maintenance", self._maintenance_loop),
+        ]
+        logger.info("worker pool %s started with %d slots", self.worker_id, self.concurrency)
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        """Stop claiming, give running jobs the grace period, then interrupt the rest."""
+        grace = self._settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
+        self._stopping = True
+        self._wakeup.set()
+        if self._claim_task is not None:
+            self._claim_task.cancel()
+            await asyncio.gather(self._claim_task, return_exceptions=True)
+        jobs = [running.task for running in self._running.values()]
+        if jobs:
+            logger.info("waiting up to %g s for %d running jobs", grace, len(jobs))
+            _, late = await asyncio.wait(jobs, timeout=grace) if grace > 0 else (set(), set(jobs))
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
+        for task in self._side_tasks:
+            task.cancel()
+        await asyncio.gather(*self._side_tasks, return_exceptions=True)
+        self._side_tasks.clear()
+        logger.info("worker pool %s stopped", self.worker_id)
+
+    def _spawn(
+        self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]
+    ) -> "asyncio.Task[None]":
+        return asyncio.create_task(self._watched(name, loop), name=f"jobdock-{name}")
+
+    async def _watched(self, name: str, loop: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Keep a side loop alive: a failing pass is logged and the loop goes on."""
+        while True:
+            try:
+                await loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("%s loop failed; restarting it", name)
+                await asyncio.sleep(1.0)
+
+    # -- signals from the API --------------------------------------------------------------
+
+    def wake(self) -> None:
+        """A job was submitted: look for work now rather than at the next poll."""
+        self._wakeup.set()
+
+    def request_cancel(self, job_id: uuid.UUID) -> bool:
+        """Kill a job this pool is running; False if it runs elsewhere (or not at all)."""
+        running = self._running.get(job_id)
+        if running is None:
+            return False
+        running.cancel.set()
+        return True
+
+    @property
+    def running_job_ids(self) -> list[uuid.UUID]:
+        return list(self._running)
+
+    # -- claiming and running --------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while not self._stopping:
+            await self._slots.acquire()
+            self._wakeup.clear()
+            try:
+                async with self._sessions() as session:
+                    job = await store.claim_next_job(
+                        session=session,
+                        worker_id=self.worker_id,
+                        lease_seconds=self._settings.lease_seconds,
+                    )
+            except BaseException:
+                self._slots.release()
+                raise
+            if job is None:
+                self._slots.release()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._wakeup.wait(), timeout=self._settings.poll_interval_seconds
+                    )
+                continue
+            self._start_job(job)
+
+    def _start_job(self, job: Job) -> None:
+        task = asyncio.create_task(self._run_job(job), name=f"jobdock-job-{job.id}")
+        self._running[job.id] = RunningJob(job=job, task=task)
+
+        def _release(_: "asyncio.Task[None]") -> None:
+            self._running.pop(job.id, None)
+            self._slots.release()
+
+        task.add_done_callback(_release)
+
+    async def _run_job(self, job: Job) -> None:
+        running = self._running[job.id]
+        logger.info("job %s attempt %d: starting %s", job.id, job.attempt, job.image)
+        result = JobResult(state=JobState.failed, error=INTERRUPTED)
+        try:
+            run = await self._runner.run(
+                spec_of(job), cancel=running.cancel, on_created=self._on_created(job)
+            )
+            result = result_of(job, run)
+        except EngineError as exc:
+            result = JobResult(state=JobState.failed, error=exc.message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.exception("job %s: unexpected failure", job.id)
+            result = JobResult(state=JobState.failed, error=f"internal error: {exc!r}")
+        finally:
+            await self._record(job, result)
+
+    def _on_created(self, job: Job) -> OnCreated:
+        async def record_container(container_id: str, limits: AppliedLimits) -> None:
+            async with self._sessions() as session:
+                await store.record_container(
+                    session=session,
+                    job_id=job.id,
+                    worker_id=self.worker_id,
+                    container_id=container_id,
+                    limits=limits,
+                )
+
+        return record_container
+
+    async def _record(self, job: Job, result: JobResult) -> None:
+        """Write the terminal state; shielded so shutdown cannot lose a finished result."""
+
+        async def write() -> None:
+            async with self._sessions() as session:
+                written = await store.finish_job(
+                    session=session, job_id=job.id, worker_id=self.worker_id, result=result
+                )
+            if written:
+                logger.info("job %s: %s (exit %s)", job.id, result.state, result.exit_code)
+            else:
+                logger.warning("job %s: result dropped, this worker no longer holds it", job.id)
+
+        task = asyncio.ensure_future(write())
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await task
+            raise
+
+    # -- leases and housekeeping -----------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.heartbeat_interval_seconds)
+            job_ids = self.running_job_ids
+            if not job_ids:
+                continue
+            async with self._sessions() as session:
+                held = await store.renew_leases(
+                    session=session,
+                    worker_id=self.worker_id,
+                    job_ids=job_ids,
+                    lease_seconds=self._settings.lease_seconds,
+                )
+            for job_id in job_ids:
+                running = self._running.get(job_id)
+                if running is None:
+                    continue
+                if job_id not in held:
+                    logger.warning("job %s: lease lost; stopping its container", job_id)
+                    running.cancel.set()
+                elif held[job_id]:
+                    running.cancel.set()
+
+    async def _maintenance_loop(self) -> None:
+        interval = min(self._settings.lease_seconds, 15.0)
+        while True:
+            await self.fail_lost_jobs()
+            await self.remove_leftover_containers()
+            await asyncio.sleep(interval)
+
+    async def fail_lost_jobs(self) -> None:
+        async with self._sessions() as session:
+            lost = await store.fail_lost_jobs(session=session)
+        for job_id in lost:
+            logger.warning("job %s: %s", job_id, store.LOST_WITH_WORKER)
+
+    async def remove_leftover_containers(self) -> None:
+        """Remove containers of this database's jobs that no longer run anywhere.
+
+        Containers whose job this database does not know belong to someone else and
+        are left alone.
+        """
+        try:
+            containers = await self._runner.list_job_containers()
+        except EngineError as exc:
+            logger.warning("cannot list job containers: %s", exc.message)
+            return
+        candidates = [c for c in containers if c.job_id not in self._running]
+        async with self._sessions() as session:
+            states = await store.get_states(
+                session=session, job_ids=[c.job_id for c in candidates]
+            )
+        for container in candidates:
+            state = states.get(container.job_id)
+            if state is None or state is JobState.running:
+                continue
+            logger.info("removing leftover container of job %s", container.job_id)
+            await self._runner.remove_container(container.container_id)

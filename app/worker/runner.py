@@ -1,0 +1,378 @@
+"""One job's container lifecycle on the Docker engine: pull, create, start, wait, collect, remove.
+
+The runner never touches the database: it reports what happened and the pool records it.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal, TypeVar, cast
+
+import aiodocker
+import aiohttp
+from aiodocker.containers import DockerContainer
+from aiodocker.exceptions import DockerError
+
+from app.errors import EngineError, EngineUnreachable, ImageNotFound
+from app.models import AppliedLimits
+from app.settings import MIB, Settings
+
+logger = logging.getLogger(__name__)
+
+LABEL_JOB_ID = "jobdock.job-id"
+LABEL_ATTEMPT = "jobdock.attempt"
+LABEL_WORKER = "jobdock.worker"
+
+# How long the log readers may lag behind the container's exit before we stop waiting.
+LOG_DRAIN_SECONDS = 30.0
+
+T = TypeVar("T")
+Stream = Literal["stdout", "stderr"]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What the runner needs to know of a job."""
+
+    job_id: uuid.UUID
+    attempt: int
+    image: str
+    command: list[str] | None
+    env: dict[str, str]
+    working_dir: str | None
+    cpu_shares: int
+    memory_mb: int
+    timeout_seconds: int
+
+
+class StopReason(StrEnum):
+    exited = "exited"
+    timed_out = "timed_out"
+    cancelled = "cancelled"
+
+
+@dataclass
+class ContainerRun:
+    """What happened to one container."""
+
+    stop_reason: StopReason
+    exit_code: int | None
+    oom_killed: bool
+    stdout: str
+    stderr: str
+    output_truncated: bool
+    limits: AppliedLimits
+
+
+@dataclass(frozen=True)
+class LabelledContainer:
+    container_id: str
+    job_id: uuid.UUID
+    attempt: int
+    worker_id: str
+
+
+@dataclass
+class OutputCapture:
+    """Keeps the first `limit` bytes of a stream and notes whether more came."""
+
+    limit: int
+    parts: list[str] = field(default_factory=list)
+    size: int = 0
+    truncated: bool = False
+
+    def feed(self, chunk: str) -> bool:
+        """Store a chunk; False once the limit is passed and the rest can be dropped."""
+        data = chunk.encode()
+        room = self.limit - self.size
+        if len(data) > room:
+            self.parts.append(data[:room].decode(errors="ignore"))
+            self.size = self.limit
+            self.truncated = True
+            return False
+        self.parts.append(chunk)
+        self.size += len(data)
+        return True
+
+    @property
+    def text(self) -> str:
+        # PostgreSQL text cannot hold NUL; a job's output may.
+        return "".join(self.parts).replace("\x00", "\ufffd")
+
+
+OnCreated = Callable[[str, AppliedLimits], Awaitable[None]]
+
+
+def create_docker_client(settings: Settings) -> aiodocker.Docker:
+    """One client for the whole process, its connection pool sized for the workers.
+
+    Each running job holds three long requests (wait and two log streams).
+    """
+    url = settings.docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    timeout = aiohttp.ClientTimeout(total=None, connect=10.0)
+    if url.startswith("unix://"):
+        connector = aiohttp.UnixConnector(
+            path=url.removeprefix("unix://"), limit=settings.workers * 4 + 20
+        )
+        return aiodocker.Docker(url="unix://localhost", connector=connector, timeout=timeout)
+    return aiodocker.Docker(url=url, timeout=timeout)
+
+
+async def _finish_despite_cancel(coro: Coroutine[Any, Any, T]) -> T:
+    """Run cleanup to the end even if the caller is being cancelled, then re-raise."""
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
+class ContainerRunner:
+    """Drives jobs through one Docker engine."""
+
+    def __init__(self, docker: aiodocker.Docker, settings: Settings, worker_id: str) -> None:
+        self._docker = docker
+        self._settings = settings
+        self._worker_id = worker_id
+
+    async def run(
+        self, spec: JobSpec, *, cancel: asyncio.Event, on_created: OnCreated
+    ) -> ContainerRun:
+        """Run the job to its end. Raises ImageNotFound, EngineUnreachable or EngineError."""
+        with self._engine_errors():
+            return await self._run(spec, cancel=cancel, on_created=on_created)
+
+    @contextlib.contextmanager
+    def _engine_errors(self) -> Iterator[None]:
+        """Turn aiodocker's and aiohttp's exceptions into Jobdock's engine errors."""
+        try:
+            yield
+        except DockerError as exc:
+            raise EngineError(f"Docker engine error ({exc.status}): {exc.message}") from exc
+        except (aiohttp.ClientConnectionError, OSError) as exc:
+            raise EngineUnreachable(f"Docker engine unreachable: {exc}") from exc
+        except TimeoutError as exc:
+            raise EngineError(
+                "Docker engine did not answer within "
+                f"{self._settings.engine_call_timeout_seconds:g} s"
+            ) from exc
+
+    async def _run(
+        self, spec: JobSpec, *, cancel: asyncio.Event, on_created: OnCreated
+    ) -> ContainerRun:
+        await self._ensure_image(spec.image)
+        container = await self._create(spec)
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            limits = await self._applied_limits(container, spec)
+            await on_created(container.id, limits)
+            await self._call(container.start())
+            outputs = [
+                asyncio.create_task(self._capture(container, stream), name=f"log-{stream}")
+                for stream in ("stdout", "stderr")
+            ]
+            tasks.extend(outputs)
+            stop_reason, status = await self._wait(container, spec, cancel, tasks)
+            state = (await self._call(container.show()))["State"]
+            done, _ = await asyncio.wait(outputs, timeout=LOG_DRAIN_SECONDS)
+            stdout, stderr = (
+                t.result() if t in done else OutputCapture(self._settings.output_limit_bytes)
+                for t in outputs
+            )
+            exit_code = status.get("StatusCode", state.get("ExitCode"))
+            return ContainerRun(
+                stop_reason=stop_reason,
+                exit_code=None if stop_reason is not StopReason.exited else exit_code,
+                oom_killed=bool(state.get("OOMKilled")),
+                stdout=stdout.text,
+                stderr=stderr.text,
+                output_truncated=stdout.truncated or stderr.truncated,
+                limits=limits,
+            )
+        finally:
+            for task in tasks:
+                task.cancel()
+            await _finish_despite_cancel(self._cleanup(container, tasks))
+
+    async def _cleanup(self, container: DockerContainer, tasks: list[asyncio.Task[Any]]) -> None:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.remove_container(container.id)
+
+    async def _call(self, call: Awaitable[T]) -> T:
+        """A short engine call, with a deadline aiodocker does not set by itself."""
+        async with asyncio.timeout(self._settings.engine_call_timeout_seconds):
+            return await call
+
+    async def _ensure_image(self, image: str) -> None:
+        try:
+            await self._call(self._docker.images.inspect(image))
+            return
+        except DockerError as exc:
+            if exc.status != 404:
+                raise
+        logger.info("pulling image %s", image)
+        try:
+            async with asyncio.timeout(self._settings.pull_timeout_seconds):
+                await self._docker.images.pull(image)
+        except DockerError as exc:
+            raise ImageNotFound(
+                f"image {image!r} is not on the Docker engine and could not be pulled: "
+                f"{exc.message}"
+            ) from exc
+        except TimeoutError as exc:
+            raise ImageNotFound(
+                f"image {image!r} could not be pulled within "
+                f"{self._settings.pull_timeout_seconds:g} s"
+            ) from exc
+
+    def _container_config(self, spec: JobSpec) -> dict[str, Any]:
+        settings = self._settings
+        memory = spec.memory_mb * MIB
+        config: dict[str, Any] = {
+            "Image": spec.image,
+            "Env": [f"{name}={value}" for name, value in spec.env.items()],
+            "Labels": {
+                LABEL_JOB_ID: str(spec.job_id),
+                LABEL_ATTEMPT: str(spec.attempt),
+                LABEL_WORKER: self._worker_id,
+            },
+            "Tty": False,
+            "OpenStdin": False,
+            "AttachStdin": False,
+            "NetworkDisabled": True,
+            "HostConfig": {
+                "CpuShares": spec.cpu_shares,
+                "Memory": memory,
+                # Equal to Memory: no swap on top of the limit.
+                "MemorySwap": memory,
+                "PidsLimit": settings.pids_limit,
+                "NetworkMode": "none",
+                "CapDrop": ["ALL"],
+                "SecurityOpt": ["no-new-privileges"],
+                # An init reaps zombies that would otherwise use up the pids limit.
+                "Init": True,
+                "Privileged": False,
+                # Removed explicitly once output and exit status are read.
+                "AutoRemove": False,
+                "LogConfig": {
+                    "Type": "json-file",
+                    "Config": {"max-size": str(settings.engine_log_max_bytes), "max-file": "1"},
+                },
+            },
+        }
+        if spec.command is not None:
+            config["Cmd"] = spec.command
+        if spec.working_dir is not None:
+            config["WorkingDir"] = spec.working_dir
+        return config
+
+    async def _create(self, spec: JobSpec) -> DockerContainer:
+        name = f"jobdock-{spec.job_id}-{spec.attempt}"
+        config = self._container_config(spec)
+        try:
+            return await self._call(self._docker.containers.create(config, name=name))
+        except DockerError as exc:
+            if exc.status != 409:
+                raise
+        # A container of this very attempt is left over from a crash: it never ran to a
+        # recorded result, so replace it.
+        logger.warning("replacing leftover container %s", name)
+        await self.remove_container(name)
+        return await self._call(self._docker.containers.create(config, name=name))
+
+    async def _applied_limits(self, container: DockerContainer, spec: JobSpec) -> AppliedLimits:
+        host = (await self._call(container.show()))["HostConfig"]
+        return AppliedLimits(
+            cpu_shares=host["CpuShares"],
+            memory_bytes=host["Memory"],
+            memory_swap_bytes=host["MemorySwap"],
+            pids_limit=host.get("PidsLimit") or 0,
+            timeout_seconds=spec.timeout_seconds,
+            output_limit_bytes=self._settings.output_limit_bytes,
+            network_mode=host["NetworkMode"],
+        )
+
+    async def _wait(
+        self,
+        container: DockerContainer,
+        spec: JobSpec,
+        cancel: asyncio.Event,
+        tasks: list[asyncio.Task[Any]],
+    ) -> tuple[StopReason, dict[str, Any]]:
+        exited = asyncio.create_task(container.wait(), name="wait")
+        cancelled = asyncio.create_task(cancel.wait(), name="cancel")
+        tasks.extend((exited, cancelled))
+        await asyncio.wait(
+            (exited, cancelled), timeout=spec.timeout_seconds, return_when=asyncio.FIRST_COMPLETED
+        )
+        if exited.done():
+            return StopReason.exited, exited.result()
+        reason = StopReason.cancelled if cancelled.done() else StopReason.timed_out
+        await self._kill(container)
+        async with asyncio.timeout(self._settings.engine_call_timeout_seconds):
+            status = await exited
+        return reason, status
+
+    async def _kill(self, container: DockerContainer) -> None:
+        try:
+            await self._call(container.kill())
+        except DockerError as exc:
+            # 409: it stopped by itself meanwhile; 404: it is gone already.
+            if exc.status not in (404, 409):
+                raise
+
+    async def _capture(self, container: DockerContainer, stream: Stream) -> OutputCapture:
+        """Read one stream as it is written; stop reading, not storing, at the cap."""
+        capture = OutputCapture(self._settings.output_limit_bytes)
+        chunks = cast(
+            AsyncGenerator[str, None],
+            container.log(follow=True, stdout=stream == "stdout", stderr=stream == "stderr"),
+        )
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                if not capture.feed(chunk):
+                    # The engine keeps the rest in its own capped log; we have seen
+                    # enough to know the output was truncated.
+                    break
+        return capture
+
+    async def remove_container(self, container_id: str) -> None:
+        """Remove a container, killing it first if needed; absent is fine."""
+        try:
+            await self._call(self._docker.containers.container(container_id).delete(force=True))
+        except DockerError as exc:
+            if exc.status != 404:
+                logger.warning("could not remove container %s: %s", container_id, exc.message)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            logger.warning("could not remove container %s: %r", container_id, exc)
+
+    async def list_job_containers(self) -> list[LabelledContainer]:
+        """Every container on this engine that carries Jobdock's labels."""
+        with self._engine_errors():
+            listed = await self._call(
+                self._docker.containers.list(
+                    all=True, filters=json.dumps({"label": [LABEL_JOB_ID]})
+                )
+            )
+        found = []
+        for container in listed:
+            labels = container["Labels"] or {}
+            try:
+                found.append(
+                    LabelledContainer(
+                        container_id=container.id,
+                        job_id=uuid.UUID(labels[LABEL_JOB_ID]),
+                        attempt=int(labels.get(LABEL_ATTEMPT, "0")),
+                        worker_id=labels.get(LABEL_WORKER, ""),
+                    )
+                )
+            except (KeyError, ValueError):
+                continue
+        return found
