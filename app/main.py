@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True) ->
                 await pool.start()
                 stack.push_async_callback(pool.stop)
                 app.state.pool = pool
-            logger.info("jobdock %s ready (database %s)", __version__, engine.url.render_as_string())
+            logger.info("jobdock %s ready (database %s)", __version__, engine.url)
             yield
 
     app = FastAPI(

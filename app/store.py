@@ -129,7 +129,7 @@ async def claim_next_job(
     """Atomically move the best queued job to running under this worker's lease."""
     now = utc_now()
     best = (
-        select(Job.id)
+        select(col(Job.id))
         .where(col(Job.state) == JobState.queued, col(Job.run_after) <= now)
         .order_by(col(Job.priority).desc(), col(Job.created_at).asc())
         .limit(1)

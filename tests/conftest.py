@@ -24,8 +24,7 @@ async def docker() -> AsyncIterator[aiodocker.Docker]:
     except Exception as exc:
         await client.close()
         pytest.fail(
-            f"no Docker engine answers ({exc!r}); run `make engine` or `make test`, "
-            "which start one"
+            f"no Docker engine answers ({exc!r}); run `make engine` or `make test`, which start one"
         )
     yield client
     await client.close()
@@ -39,9 +38,7 @@ async def test_image(docker: aiodocker.Docker) -> str:
 async def job_containers(docker: aiodocker.Docker, ids: Iterable[uuid.UUID]) -> list[str]:
     """Containers on the engine that carry the label of one of these jobs."""
     wanted = {str(i) for i in ids}
-    listed = await docker.containers.list(
-        all=True, filters=json.dumps({"label": [LABEL_JOB_ID]})
-    )
+    listed = await docker.containers.list(all=True, filters=json.dumps({"label": [LABEL_JOB_ID]}))
     return [c.id for c in listed if (c["Labels"] or {}).get(LABEL_JOB_ID) in wanted]
 
 

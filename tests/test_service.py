@@ -1,6 +1,31 @@
-"""End to end: a real `jobdock serve` process, a real engine, a real SQLite file."""
+"""End to end: a real `jobdock serve` process, a real Docker engine, a real SQLite file."""
 
-from tests.support.service import Service
+import asyncio
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiodocker
+import pytest
+
+from app.settings import MIB
+from app.worker.pool import INTERRUPTED
+from tests.conftest import job_containers
+from tests.support.service import Service, job_ids
+
+# uvicorn shuts down cleanly, then re-raises the signal it caught.
+STOPPED_BY_SIGTERM = (0, -signal.SIGTERM)
+
+# Prints the job's cgroup CPU weight, memory limit and memory+swap limit (cgroup v1 or v2).
+CGROUP_LIMITS = """
+if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+  cat /sys/fs/cgroup/cpu.weight /sys/fs/cgroup/memory.max /sys/fs/cgroup/memory.swap.max
+else
+  cat /sys/fs/cgroup/cpu/cpu.shares /sys/fs/cgroup/memory/memory.limit_in_bytes
+  cat /sys/fs/cgroup/memory/memory.memsw.limit_in_bytes 2>/dev/null || echo none
+fi
+"""
 
 
 async def test_healthz_answers(service: Service) -> None:
@@ -14,4 +39,255 @@ async def test_success_with_stdout(service: Service, test_image: str) -> None:
     assert job["state"] == "succeeded"
     assert job["exit_code"] == 0
     assert job["stdout"] == "hi\n"
+    assert job["stderr"] == ""
     assert job["error"] is None
+    assert job["attempt"] == 1
+    assert job["created_at"] <= job["started_at"] <= job["finished_at"]
+
+
+async def test_default_command_of_the_image(service: Service, test_image: str) -> None:
+    job = await service.run(image=test_image)
+    assert job["state"] == "succeeded"
+    assert job["command"] is None
+    assert job["stdout"] == "hello from the default command\n"
+
+
+async def test_non_zero_exit_fails_without_error(service: Service, test_image: str) -> None:
+    job = await service.run(image=test_image, command=["sh", "-c", "exit 3"])
+    assert job["state"] == "failed"
+    assert job["exit_code"] == 3
+    assert job["error"] is None
+
+
+async def test_stderr_is_kept_apart_from_stdout(service: Service, test_image: str) -> None:
+    script = "echo out1; echo err1 >&2; echo out2; echo err2 >&2"
+    job = await service.run(image=test_image, command=["sh", "-c", script])
+    assert job["stdout"] == "out1\nout2\n"
+    assert job["stderr"] == "err1\nerr2\n"
+
+
+async def test_env_and_working_dir_reach_the_process(service: Service, test_image: str) -> None:
+    job = await service.run(
+        image=test_image,
+        command=["sh", "-c", 'echo "$GREETING|$SECOND"; pwd'],
+        env={"GREETING": "hello world", "SECOND": "x=y"},
+        working_dir="/srv/work",
+    )
+    assert job["state"] == "succeeded", job
+    assert job["stdout"] == "hello world|x=y\n/srv/work\n"
+    assert job["env"] == {"GREETING": "hello world", "SECOND": "x=y"}
+    assert job["working_dir"] == "/srv/work"
+
+
+async def test_cpu_shares_and_memory_limit_are_applied(service: Service, test_image: str) -> None:
+    job = await service.run(
+        image=test_image, command=["sh", "-c", CGROUP_LIMITS], cpu_shares=512, memory_mb=64
+    )
+    assert job["state"] == "succeeded", job
+    cpu, memory, swap = job["stdout"].split()
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        assert int(cpu) == 1 + ((512 - 2) * 9999) // 262142  # runc's shares-to-weight
+        assert int(memory) == 64 * MIB
+        assert swap == "0"
+    else:
+        assert int(cpu) == 512
+        assert int(memory) == 64 * MIB
+        assert swap in ("none", str(64 * MIB))
+    assert job["limits"] == {
+        "cpu_shares": 512,
+        "memory_bytes": 64 * MIB,
+        "memory_swap_bytes": 64 * MIB,
+        "pids_limit": 256,
+        "timeout_seconds": 300,
+        "output_limit_bytes": MIB,
+        "network_mode": "none",
+    }
+
+
+async def test_job_has_no_network_but_loopback(service: Service, test_image: str) -> None:
+    job = await service.run(image=test_image, command=["sh", "-c", "cat /proc/net/dev"])
+    interfaces = {line.split(":")[0].strip() for line in job["stdout"].splitlines()[2:]}
+    assert interfaces == {"lo"}
+
+
+async def test_timeout_kills_the_job(service: Service, test_image: str) -> None:
+    job = await service.run(
+        image=test_image, command=["sh", "-c", "echo started; sleep 60"], timeout_seconds=1
+    )
+    assert job["state"] == "timed_out"
+    assert job["exit_code"] is None
+    assert "timed out after 1 s" in job["error"]
+    assert job["stdout"] == "started\n"
+
+
+async def test_unknown_image_fails_naming_it(service: Service) -> None:
+    job = await service.run(image="jobdock-no-such-image:1.0", command=["true"])
+    assert job["state"] == "failed"
+    assert "jobdock-no-such-image:1.0" in job["error"]
+    assert job["exit_code"] is None
+
+
+async def test_out_of_memory_fails_with_the_limit(service: Service, test_image: str) -> None:
+    hog = "x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived"
+    job = await service.run(image=test_image, command=["sh", "-c", hog], memory_mb=16)
+    assert job["state"] == "failed"
+    assert "out of memory" in job["error"]
+    assert "16 MiB" in job["error"]
+    assert "survived" not in job["stdout"]
+
+
+async def test_huge_output_is_capped_and_memory_stays_flat(
+    service: Service, test_image: str
+) -> None:
+    baseline = service.rss_bytes()
+    submitted = await service.submit(
+        image=test_image,
+        command=["sh", "-c", "head -c 52428800 /dev/zero | tr '\\0' x; echo done >&2"],
+    )
+    peak = baseline
+    job = await service.get(submitted["id"])
+    while job["state"] in ("queued", "running"):
+        peak = max(peak, service.rss_bytes())
+        await asyncio.sleep(0.05)
+        job = await service.get(submitted["id"])
+    assert job["state"] == "succeeded", job
+    assert job["output_truncated"] is True
+    assert len(job["stdout"].encode()) == MIB
+    assert set(job["stdout"]) == {"x"}
+    assert job["stderr"] == "done\n"
+    # Holding the whole 50 MB, even once, would show here; the cap keeps growth small.
+    assert peak - baseline < 32 * MIB, f"service grew by {(peak - baseline) / MIB:.1f} MiB"
+
+
+async def test_twenty_jobs_at_once_all_finish_and_leave_no_container(
+    service: Service, test_image: str, docker: aiodocker.Docker
+) -> None:
+    submitted = await asyncio.gather(
+        *(
+            service.submit(image=test_image, command=["sh", "-c", f"echo job {n}"])
+            for n in range(20)
+        )
+    )
+    finished = await asyncio.gather(*(service.wait(job["id"]) for job in submitted))
+    for n, job in enumerate(finished):
+        assert job["state"] == "succeeded", job
+        assert job["stdout"] == f"job {n}\n"
+        assert job["attempt"] == 1
+    assert await job_containers(docker, job_ids(*finished)) == []
+
+
+@pytest.fixture(scope="module")
+async def one_worker(
+    tmp_path_factory: pytest.TempPathFactory, test_image: str
+) -> AsyncIterator[Service]:
+    svc = Service(tmp_path_factory.mktemp("one-worker"), workers=1, heartbeat_interval_seconds=1)
+    await svc.start()
+    yield svc
+    await svc.close()
+
+
+async def test_cancel_queued_and_running_jobs(
+    one_worker: Service, test_image: str, docker: aiodocker.Docker
+) -> None:
+    running = await one_worker.submit(image=test_image, command=["sh", "-c", "echo up; sleep 60"])
+    queued = await one_worker.submit(image=test_image, command=["echo", "never"])
+    await one_worker.wait(running["id"], states={"running"})
+
+    response = await one_worker.client.post(f"/jobs/{queued['id']}/cancel")
+    assert response.status_code == 200
+    assert response.json()["state"] == "cancelled"
+
+    response = await one_worker.client.post(f"/jobs/{running['id']}/cancel")
+    assert response.status_code == 202
+    assert response.json()["cancel_requested"] is True
+    job = await one_worker.wait(running["id"], timeout=30)
+    assert job["state"] == "cancelled"
+    assert job["error"] == "cancelled while running"
+
+    assert (await one_worker.get(queued["id"]))["started_at"] is None
+    response = await one_worker.client.post(f"/jobs/{running['id']}/cancel")
+    assert response.status_code == 409
+    assert "cancelled" in response.json()["detail"]
+    assert await job_containers(docker, job_ids(running, queued)) == []
+
+
+async def test_engine_unreachable_fails_the_job_and_service_keeps_serving(
+    tmp_path: Path, test_image: str
+) -> None:
+    svc = Service(tmp_path, docker_host=f"unix://{tmp_path}/no-engine.sock")
+    await svc.start()
+    try:
+        job = await svc.run(image=test_image, command=["true"])
+        assert job["state"] == "failed"
+        assert "Docker engine unreachable" in job["error"]
+        assert (await svc.client.get("/healthz")).status_code == 200
+        assert (await svc.client.get("/jobs")).status_code == 200
+    finally:
+        await svc.close()
+
+
+async def test_restart_keeps_jobs(tmp_path: Path, test_image: str) -> None:
+    first = Service(tmp_path, workers=1)
+    await first.start()
+    done = await first.run(image=test_image, command=["sh", "-c", "echo kept"])
+    await first.stop()
+    await first.close()
+
+    idle = Service(tmp_path, workers=0)
+    await idle.start()
+    waiting = await idle.submit(image=test_image, command=["sh", "-c", "echo later"])
+    await idle.stop()
+    await idle.close()
+
+    second = Service(tmp_path, workers=1)
+    await second.start()
+    try:
+        assert await second.get(done["id"]) == done
+        job = await second.wait(waiting["id"])
+        assert job["state"] == "succeeded"
+        assert job["stdout"] == "later\n"
+    finally:
+        await second.close()
+
+
+async def test_sigterm_lets_running_jobs_finish_within_grace(
+    tmp_path: Path, test_image: str
+) -> None:
+    svc = Service(tmp_path, workers=2, shutdown_grace_seconds=30)
+    await svc.start()
+    job = await svc.submit(image=test_image, command=["sh", "-c", "sleep 2; echo finished"])
+    await svc.wait(job["id"], states={"running"})
+    assert await svc.stop(signal.SIGTERM) in STOPPED_BY_SIGTERM
+    await svc.close()
+
+    again = Service(tmp_path, workers=0)
+    await again.start()
+    try:
+        finished = await again.get(job["id"])
+        assert finished["state"] == "succeeded"
+        assert finished["stdout"] == "finished\n"
+    finally:
+        await again.close()
+
+
+async def test_sigterm_interrupts_jobs_that_outlast_the_grace(
+    tmp_path: Path, test_image: str, docker: aiodocker.Docker
+) -> None:
+    svc = Service(tmp_path, workers=1, shutdown_grace_seconds=1)
+    await svc.start()
+    job = await svc.submit(image=test_image, command=["sleep", "120"])
+    queued = await svc.submit(image=test_image, command=["echo", "not yet"])
+    await svc.wait(job["id"], states={"running"})
+    assert await svc.stop(signal.SIGTERM, timeout=30) in STOPPED_BY_SIGTERM
+    await svc.close()
+
+    again = Service(tmp_path, workers=0)
+    await again.start()
+    try:
+        interrupted = await again.get(job["id"])
+        assert interrupted["state"] == "failed"
+        assert interrupted["error"] == INTERRUPTED
+        assert (await again.get(queued["id"]))["state"] == "queued"
+    finally:
+        await again.close()
+    assert await job_containers(docker, {uuid.UUID(job["id"])}) == []

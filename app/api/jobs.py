@@ -12,7 +12,9 @@ from app.settings import Settings
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "No such job"}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "No such job"}
+}
 
 
 def check_caps(job_in: JobCreate, settings: Settings) -> None:
@@ -33,8 +35,7 @@ def check_caps(job_in: JobCreate, settings: Settings) -> None:
                 "type": "less_than_equal",
                 "loc": ("body", "timeout_seconds"),
                 "msg": (
-                    f"timeout_seconds may be at most {settings.max_timeout_seconds} "
-                    "on this service"
+                    f"timeout_seconds may be at most {settings.max_timeout_seconds} on this service"
                 ),
                 "input": job_in.timeout_seconds,
             }
@@ -75,9 +76,7 @@ async def list_jobs(
     jobs, next_cursor = await store.list_jobs(
         session=session, state=state, limit=limit, cursor=cursor
     )
-    return JobPage(
-        items=[JobSummary.model_validate(job) for job in jobs], next_cursor=next_cursor
-    )
+    return JobPage(items=[JobSummary.model_validate(job) for job in jobs], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", operation_id="get_job", summary="Get a job", responses=NOT_FOUND)

@@ -332,9 +332,7 @@ class WorkerPool:
             return
         candidates = [c for c in containers if c.job_id not in self._running]
         async with self._sessions() as session:
-            states = await store.get_states(
-                session=session, job_ids=[c.job_id for c in candidates]
-            )
+            states = await store.get_states(session=session, job_ids=[c.job_id for c in candidates])
         for container in candidates:
             state = states.get(container.job_id)
             if state is None or state is JobState.running:

@@ -29,6 +29,9 @@ LABEL_JOB_ID = "jobdock.job-id"
 LABEL_ATTEMPT = "jobdock.attempt"
 LABEL_WORKER = "jobdock.worker"
 
+# aiodocker's status for "could not connect to the engine at all".
+CANNOT_CONNECT = 900
+
 # How long the log readers may lag behind the container's exit before we stop waiting.
 LOG_DRAIN_SECONDS = 30.0
 
@@ -155,6 +158,8 @@ class ContainerRunner:
         try:
             yield
         except DockerError as exc:
+            if exc.status == CANNOT_CONNECT:
+                raise EngineUnreachable(f"Docker engine unreachable: {exc.message}") from exc
             raise EngineError(f"Docker engine error ({exc.status}): {exc.message}") from exc
         except (aiohttp.ClientConnectionError, OSError) as exc:
             raise EngineUnreachable(f"Docker engine unreachable: {exc}") from exc

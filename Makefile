@@ -1,0 +1,45 @@
+# Jobdock: `make run` starts the service, `make test` runs the tests.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: run test lint format engine test-image venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+engine:
+	scripts/ensure-engine.sh
+
+## Start the service on http://$(HOST):$(PORT): SQLite in ./jobdock.db, embedded workers.
+run: venv engine
+	$(BIN)/jobdock serve --host $(HOST) --port $(PORT)
+
+## Run the test suite against a real Docker engine (started if needed).
+test: venv
+	scripts/ensure-engine.sh --test
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy app tests migrations
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+## Build the busybox image the tests and the README's examples use.
+test-image: venv
+	scripts/ensure-engine.sh --test
+	$(BIN)/python -m tests.support.images
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
