@@ -1,10 +1,14 @@
 """The application: create_app() and its lifespan (database, Docker client, worker pool)."""
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from app import __version__
@@ -22,6 +26,22 @@ ERROR_STATUS: dict[type[JobdockError], int] = {
     JobAlreadyFinished: status.HTTP_409_CONFLICT,
     InvalidCursor: status.HTTP_422_UNPROCESSABLE_CONTENT,
 }
+
+
+class EscapedJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a 422 echoes the input, which may hold lone surrogates
+    that UTF-8 cannot encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
+
+
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return EscapedJSONResponse(
+        {"detail": jsonable_encoder(exc.errors())},
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+    )
 
 
 def create_app(settings: Settings | None = None, *, run_workers: bool = True) -> FastAPI:
@@ -69,4 +89,5 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True) ->
         return JSONResponse({"detail": exc.message}, status_code=code)
 
     app.add_exception_handler(JobdockError, domain_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
     return app

@@ -5,7 +5,7 @@ import binascii
 import json
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -58,11 +58,12 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, job_id = json.loads(raw)
         position = datetime.fromisoformat(created_at), uuid.UUID(job_id)
-    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        if position[0].tzinfo is None:
+            raise InvalidCursor()
+        # Out-of-range instants (year 1 east of UTC, year 9999 west) overflow here, not in SQL.
+        return position[0].astimezone(UTC), position[1]
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, OverflowError):
         raise InvalidCursor() from None
-    if position[0].tzinfo is None:
-        raise InvalidCursor()
-    return position
 
 
 async def list_jobs(
@@ -194,7 +195,7 @@ async def renew_leases(
         .values(lease_expires_at=utc_now() + timedelta(seconds=lease_seconds))
         .returning(col(Job.id), col(Job.cancel_requested))
     )
-    held = {job_id: cancel for job_id, cancel in result.tuples()}
+    held = {job_id: cancel for job_id, cancel in result}
     await session.commit()
     return held
 
@@ -249,4 +250,4 @@ async def get_states(
     rows = await session.execute(
         select(col(Job.id), col(Job.state)).where(col(Job.id).in_(job_ids))
     )
-    return {job_id: JobState(state) for job_id, state in rows.tuples()}
+    return {job_id: JobState(state) for job_id, state in rows}

@@ -95,7 +95,12 @@ class Service:
         return body
 
     async def wait(
-        self, job_id: str, *, states: set[str] = TERMINAL, timeout: float = 120.0
+        self,
+        job_id: str,
+        *,
+        states: set[str] = TERMINAL,
+        timeout: float = 120.0,
+        poll_seconds: float = 0.1,
     ) -> dict[str, Any]:
         """Poll until the job reaches one of `states`; a bounded wait, not a timing check."""
         deadline = time.monotonic() + timeout
@@ -105,7 +110,7 @@ class Service:
                 return job
             if time.monotonic() > deadline:
                 raise AssertionError(f"job {job_id} still {job['state']} after {timeout} s")
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(poll_seconds)
 
     async def run(self, timeout: float = 120.0, **job: Any) -> dict[str, Any]:
         submitted = await self.submit(**job)

@@ -1,0 +1,139 @@
+"""The Alembic migrations: they build exactly the models' schema, and undo it cleanly."""
+
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import SQLModel
+
+import app.models  # noqa: F401  (puts the jobs table on SQLModel.metadata)
+from app.db import alembic_config, create_engine, upgrade_to_head
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def head_revision(url: str) -> str:
+    heads = ScriptDirectory.from_config(alembic_config(url)).get_heads()
+    assert len(heads) == 1, f"the migrations must have one head, not {heads}"
+    return heads[0]
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    """An engine on a fresh, empty SQLite file."""
+    engine = create_engine(sqlite_url(tmp_path / "migrated.db"))
+    yield engine
+    await engine.dispose()
+
+
+def schema_drift(connection: Connection) -> list[Any]:
+    context = MigrationContext.configure(
+        connection, opts={"compare_type": True, "compare_server_default": True}
+    )
+    diff: list[Any] = compare_metadata(context, SQLModel.metadata)
+    return diff
+
+
+def current_revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def table_names(connection: Connection) -> set[str]:
+    return set(inspect(connection).get_table_names())
+
+
+async def run_alembic(engine: AsyncEngine, action: str, revision: str) -> None:
+    """`alembic upgrade|downgrade REVISION` on this engine, as app.db.upgrade_to_head does."""
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+
+    def migrate(connection: Connection) -> None:
+        config.attributes["connection"] = connection
+        getattr(command, action)(config, revision)
+
+    async with engine.begin() as connection:
+        await connection.run_sync(migrate)
+
+
+async def test_upgrade_head_matches_the_models(engine: AsyncEngine) -> None:
+    await upgrade_to_head(engine)
+    async with engine.connect() as connection:
+        assert await connection.run_sync(schema_drift) == []
+        assert await connection.run_sync(current_revision) == head_revision(str(engine.url))
+        assert "jobs" in await connection.run_sync(table_names)
+
+
+async def test_drift_is_detected(engine: AsyncEngine) -> None:
+    # The comparison itself must see a difference, or the test above proves nothing.
+    await upgrade_to_head(engine)
+    async with engine.begin() as connection:
+        await connection.exec_driver_sql("DROP INDEX ix_jobs_lease")
+        await connection.exec_driver_sql("ALTER TABLE jobs ADD COLUMN surprise INTEGER")
+    async with engine.connect() as connection:
+        diff = await connection.run_sync(schema_drift)
+    kinds = {entry[0] if isinstance(entry, tuple) else entry[0][0] for entry in diff}
+    assert {"add_index", "remove_column"} <= kinds, diff
+
+
+async def test_downgrade_to_base_then_upgrade_again(engine: AsyncEngine) -> None:
+    await upgrade_to_head(engine)
+
+    await run_alembic(engine, "downgrade", "base")
+    async with engine.connect() as connection:
+        assert await connection.run_sync(current_revision) is None
+        assert "jobs" not in await connection.run_sync(table_names)
+
+    await run_alembic(engine, "upgrade", "head")
+    async with engine.connect() as connection:
+        assert await connection.run_sync(schema_drift) == []
+        assert await connection.run_sync(current_revision) == head_revision(str(engine.url))
+
+
+async def test_upgrade_twice_changes_nothing(engine: AsyncEngine) -> None:
+    await upgrade_to_head(engine)
+    await upgrade_to_head(engine)
+    async with engine.connect() as connection:
+        assert await connection.run_sync(schema_drift) == []
+
+
+def test_jobdock_migrate_creates_the_jobs_table(tmp_path: Path) -> None:
+    database = tmp_path / "nested" / "cli.db"
+    url = sqlite_url(database)
+    env = {**os.environ, "JOBDOCK_DATABASE_URL": url}
+
+    for _ in range(2):  # the second run finds the schema at head and changes nothing
+        done = subprocess.run(
+            [sys.executable, "-m", "app", "migrate"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    with sqlite3.connect(database) as connection:
+        tables = {
+            name
+            for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        (version,) = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(jobs)")}
+    connection.close()
+    assert "jobs" in tables
+    assert version == head_revision(url)
+    assert set(SQLModel.metadata.tables["jobs"].columns.keys()) == columns
