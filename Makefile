@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint format engine test-image venv clean
+.PHONY: run test lint format engine test-image bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -30,7 +30,7 @@ test: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy app tests migrations
+	$(BIN)/mypy app tests migrations bench
 
 format: venv
 	$(BIN)/ruff format .
@@ -40,6 +40,11 @@ format: venv
 test-image: venv
 	scripts/ensure-engine.sh --test
 	$(BIN)/python -m tests.support.images
+
+## Benchmarks (not part of the tests): Jobdock against the bare engine.
+bench: venv
+	scripts/ensure-engine.sh --test
+	$(BIN)/python -m bench.core $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
