@@ -200,13 +200,21 @@ class WorkerPool:
         while not self._stopping:
             await self._slots.acquire()
             self._wakeup.clear()
+            claim = asyncio.ensure_future(self._claim())
             try:
-                async with self._sessions() as session:
-                    job = await store.claim_next_job(
-                        session=session,
-                        worker_id=self.worker_id,
-                        lease_seconds=self._settings.lease_seconds,
-                    )
+                job = await asyncio.shield(claim)
+            except asyncio.CancelledError:
+                # stop() landed mid-claim, but the claim may still commit: a job it took
+                # is started, so stop() gives it the grace like any other job instead of
+                # leaving it "running" under this worker until its lease runs out.
+                job = None
+                with contextlib.suppress(Exception):
+                    job = await claim
+                if job is None:
+                    self._slots.release()
+                else:
+                    self._start_job(job)
+                raise
             except BaseException:
                 self._slots.release()
                 raise
@@ -218,6 +226,14 @@ class WorkerPool:
                     )
                 continue
             self._start_job(job)
+
+    async def _claim(self) -> Job | None:
+        async with self._sessions() as session:
+            return await store.claim_next_job(
+                session=session,
+                worker_id=self.worker_id,
+                lease_seconds=self._settings.lease_seconds,
+            )
 
     def _start_job(self, job: Job) -> None:
         task = asyncio.create_task(self._run_job(job), name=f"jobdock-job-{job.id}")

@@ -37,6 +37,7 @@ LOG_DRAIN_SECONDS = 30.0
 
 T = TypeVar("T")
 Stream = Literal["stdout", "stderr"]
+STREAMS: tuple[Stream, Stream] = ("stdout", "stderr")
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,14 @@ class OutputCapture:
 OnCreated = Callable[[str, AppliedLimits], Awaitable[None]]
 
 
+class _DockerClient(aiodocker.Docker):
+    """aiodocker leaves a connector it was handed open on close(); this client closes it."""
+
+    async def close(self) -> None:
+        await super().close()
+        await self.connector.close()
+
+
 def create_docker_client(settings: Settings) -> aiodocker.Docker:
     """One client for the whole process, its connection pool sized for the workers.
 
@@ -123,7 +132,7 @@ def create_docker_client(settings: Settings) -> aiodocker.Docker:
         connector = aiohttp.UnixConnector(
             path=url.removeprefix("unix://"), limit=settings.workers * 4 + 20
         )
-        return aiodocker.Docker(url="unix://localhost", connector=connector, timeout=timeout)
+        return _DockerClient(url="unix://localhost", connector=connector, timeout=timeout)
     return aiodocker.Docker(url=url, timeout=timeout)
 
 
@@ -161,13 +170,14 @@ class ContainerRunner:
             if exc.status == CANNOT_CONNECT:
                 raise EngineUnreachable(f"Docker engine unreachable: {exc.message}") from exc
             raise EngineError(f"Docker engine error ({exc.status}): {exc.message}") from exc
-        except (aiohttp.ClientConnectionError, OSError) as exc:
-            raise EngineUnreachable(f"Docker engine unreachable: {exc}") from exc
         except TimeoutError as exc:
+            # Before OSError, of which TimeoutError is a subclass.
             raise EngineError(
                 "Docker engine did not answer within "
                 f"{self._settings.engine_call_timeout_seconds:g} s"
             ) from exc
+        except (aiohttp.ClientConnectionError, OSError) as exc:
+            raise EngineUnreachable(f"Docker engine unreachable: {exc}") from exc
 
     async def _run(
         self, spec: JobSpec, *, cancel: asyncio.Event, on_created: OnCreated
@@ -181,16 +191,16 @@ class ContainerRunner:
             await self._call(container.start())
             outputs = [
                 asyncio.create_task(self._capture(container, stream), name=f"log-{stream}")
-                for stream in ("stdout", "stderr")
+                for stream in STREAMS
             ]
             tasks.extend(outputs)
             stop_reason, status = await self._wait(container, spec, cancel, tasks)
             state = (await self._call(container.show()))["State"]
             done, _ = await asyncio.wait(outputs, timeout=LOG_DRAIN_SECONDS)
-            stdout, stderr = (
-                t.result() if t in done else OutputCapture(self._settings.output_limit_bytes)
-                for t in outputs
-            )
+            stdout, stderr = [
+                await self._complete(container, stream, task.result() if task in done else None)
+                for stream, task in zip(STREAMS, outputs, strict=True)
+            ]
             exit_code = status.get("StatusCode", state.get("ExitCode"))
             return ContainerRun(
                 stop_reason=stop_reason,
@@ -333,8 +343,30 @@ class ContainerRunner:
             if exc.status not in (404, 409):
                 raise
 
+    async def _complete(
+        self, container: DockerContainer, stream: Stream, followed: OutputCapture | None
+    ) -> OutputCapture:
+        """What the follower saw, unless the engine stored more.
+
+        Docker's follow stream can miss the last unterminated line a container writes as it
+        exits (seen on Docker 20.10 with json-file). Once the container has stopped, the
+        same call streams what the engine stored and ends, so a stream that did not reach
+        the cap is read once more and the longer reading wins.
+        """
+        if followed is not None and followed.truncated:
+            return followed
+        stored = await self._capture(container, stream)
+        if followed is None or stored.size > followed.size:
+            return stored
+        return followed
+
     async def _capture(self, container: DockerContainer, stream: Stream) -> OutputCapture:
-        """Read one stream as it is written; stop reading, not storing, at the cap."""
+        """Read one stream to its end as it is written; store only up to the cap.
+
+        Past the cap the rest is read and dropped: leaving the stream early would leak
+        its connection (aiodocker never releases the response of an abandoned log
+        stream), and after enough truncated jobs the connection pool runs dry.
+        """
         capture = OutputCapture(self._settings.output_limit_bytes)
         chunks = cast(
             AsyncGenerator[str, None],
@@ -342,10 +374,8 @@ class ContainerRunner:
         )
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
-                if not capture.feed(chunk):
-                    # The engine keeps the rest in its own capped log; we have seen
-                    # enough to know the output was truncated.
-                    break
+                if not capture.truncated:
+                    capture.feed(chunk)
         return capture
 
     async def remove_container(self, container_id: str) -> None:
