@@ -230,7 +230,7 @@ BAD_BODIES = [
     ),
     # fields a submitter must never set
     *(
-        _bad({"image": "busybox", name: value}, ("body", name), "extra inputs", f"extra-{name}")
+        _bad({"image": "busybox", name: value}, ("body", name), "unknown field", f"extra-{name}")
         for name, value in {
             "privileged": True,
             "binds": ["/:/host"],

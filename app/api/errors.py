@@ -1,0 +1,63 @@
+"""Domain exceptions and validation errors become HTTP answers here, and only here."""
+
+import json
+from typing import Any
+
+from fastapi import FastAPI, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from app.errors import InvalidCursor, JobAlreadyFinished, JobdockError, JobNotFound
+from app.models import JobCreate
+
+ERROR_STATUS: dict[type[JobdockError], int] = {
+    JobNotFound: status.HTTP_404_NOT_FOUND,
+    JobAlreadyFinished: status.HTTP_409_CONFLICT,
+    InvalidCursor: status.HTTP_422_UNPROCESSABLE_CONTENT,
+}
+
+JOB_FIELDS = ", ".join(JobCreate.model_fields)
+
+
+class EscapedJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a 422 echoes the input, which may hold lone surrogates
+    that UTF-8 cannot encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _actionable(error: dict[str, Any]) -> dict[str, Any]:
+    """Say what to do about one validation error, in words a caller can act on."""
+    error = dict(error)
+    # ctx holds the raised exception object, which says nothing once serialized.
+    error.pop("ctx", None)
+    if error.get("type") == "extra_forbidden":
+        field = error["loc"][-1] if error.get("loc") else "?"
+        error["msg"] = f"unknown field {field!r}; a job may set only: {JOB_FIELDS}"
+    elif isinstance(error.get("msg"), str):
+        error["msg"] = error["msg"].removeprefix("Value error, ")
+    return error
+
+
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [_actionable(error) for error in exc.errors()]
+    return EscapedJSONResponse(
+        {"detail": jsonable_encoder(errors)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT
+    )
+
+
+async def domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, JobdockError)
+    code = next(
+        (code for kind, code in ERROR_STATUS.items() if isinstance(exc, kind)),
+        status.HTTP_500_INTERNAL_SERVER_ERROR,
+    )
+    return JSONResponse({"detail": exc.message}, status_code=code)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(JobdockError, domain_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
