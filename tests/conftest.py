@@ -70,7 +70,5 @@ async def service(
     tmp_path_factory: pytest.TempPathFactory, test_image: str
 ) -> AsyncIterator[Service]:
     """One running service shared by a module's tests (SQLite file, 4 workers)."""
-    svc = Service(tmp_path_factory.mktemp("service"), workers=4, max_memory_mb=1024)
-    await svc.start()
-    yield svc
-    await svc.close()
+    async with Service(tmp_path_factory.mktemp("service"), workers=4, max_memory_mb=1024) as svc:
+        yield svc

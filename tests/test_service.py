@@ -180,10 +180,10 @@ async def test_twenty_jobs_at_once_all_finish_and_leave_no_container(
 async def one_worker(
     tmp_path_factory: pytest.TempPathFactory, test_image: str
 ) -> AsyncIterator[Service]:
-    svc = Service(tmp_path_factory.mktemp("one-worker"), workers=1, heartbeat_interval_seconds=1)
-    await svc.start()
-    yield svc
-    await svc.close()
+    async with Service(
+        tmp_path_factory.mktemp("one-worker"), workers=1, heartbeat_interval_seconds=1
+    ) as svc:
+        yield svc
 
 
 async def test_cancel_queued_and_running_jobs(
@@ -214,80 +214,50 @@ async def test_cancel_queued_and_running_jobs(
 async def test_engine_unreachable_fails_the_job_and_service_keeps_serving(
     tmp_path: Path, test_image: str
 ) -> None:
-    svc = Service(tmp_path, docker_host=f"unix://{tmp_path}/no-engine.sock")
-    await svc.start()
-    try:
+    async with Service(tmp_path, docker_host=f"unix://{tmp_path}/no-engine.sock") as svc:
         job = await svc.run(image=test_image, command=["true"])
         assert job["state"] == "failed"
         assert "Docker engine unreachable" in job["error"]
         assert (await svc.client.get("/healthz")).status_code == 200
         assert (await svc.client.get("/jobs")).status_code == 200
-    finally:
-        await svc.close()
 
 
 async def test_restart_keeps_jobs(tmp_path: Path, test_image: str) -> None:
-    first = Service(tmp_path, workers=1)
-    await first.start()
-    done = await first.run(image=test_image, command=["sh", "-c", "echo kept"])
-    await first.stop()
-    await first.close()
-
-    idle = Service(tmp_path, workers=0)
-    await idle.start()
-    waiting = await idle.submit(image=test_image, command=["sh", "-c", "echo later"])
-    await idle.stop()
-    await idle.close()
-
-    second = Service(tmp_path, workers=1)
-    await second.start()
-    try:
+    async with Service(tmp_path, workers=1) as first:
+        done = await first.run(image=test_image, command=["sh", "-c", "echo kept"])
+    async with Service(tmp_path, workers=0) as idle:
+        waiting = await idle.submit(image=test_image, command=["sh", "-c", "echo later"])
+    async with Service(tmp_path, workers=1) as second:
         assert await second.get(done["id"]) == done
         job = await second.wait(waiting["id"])
         assert job["state"] == "succeeded"
         assert job["stdout"] == "later\n"
-    finally:
-        await second.close()
 
 
 async def test_sigterm_lets_running_jobs_finish_within_grace(
     tmp_path: Path, test_image: str
 ) -> None:
-    svc = Service(tmp_path, workers=2, shutdown_grace_seconds=30)
-    await svc.start()
-    job = await svc.submit(image=test_image, command=["sh", "-c", "sleep 2; echo finished"])
-    await svc.wait(job["id"], states={"running"})
-    assert await svc.stop(signal.SIGTERM) in STOPPED_BY_SIGTERM
-    await svc.close()
-
-    again = Service(tmp_path, workers=0)
-    await again.start()
-    try:
+    async with Service(tmp_path, workers=2, shutdown_grace_seconds=30) as svc:
+        job = await svc.submit(image=test_image, command=["sh", "-c", "sleep 2; echo finished"])
+        await svc.wait(job["id"], states={"running"})
+        assert await svc.stop(signal.SIGTERM) in STOPPED_BY_SIGTERM
+    async with Service(tmp_path, workers=0) as again:
         finished = await again.get(job["id"])
         assert finished["state"] == "succeeded"
         assert finished["stdout"] == "finished\n"
-    finally:
-        await again.close()
 
 
 async def test_sigterm_interrupts_jobs_that_outlast_the_grace(
     tmp_path: Path, test_image: str, docker: aiodocker.Docker
 ) -> None:
-    svc = Service(tmp_path, workers=1, shutdown_grace_seconds=1)
-    await svc.start()
-    job = await svc.submit(image=test_image, command=["sleep", "120"])
-    queued = await svc.submit(image=test_image, command=["echo", "not yet"])
-    await svc.wait(job["id"], states={"running"})
-    assert await svc.stop(signal.SIGTERM, timeout=30) in STOPPED_BY_SIGTERM
-    await svc.close()
-
-    again = Service(tmp_path, workers=0)
-    await again.start()
-    try:
+    async with Service(tmp_path, workers=1, shutdown_grace_seconds=1) as svc:
+        job = await svc.submit(image=test_image, command=["sleep", "120"])
+        queued = await svc.submit(image=test_image, command=["echo", "not yet"])
+        await svc.wait(job["id"], states={"running"})
+        assert await svc.stop(signal.SIGTERM, timeout=30) in STOPPED_BY_SIGTERM
+    async with Service(tmp_path, workers=0) as again:
         interrupted = await again.get(job["id"])
         assert interrupted["state"] == "failed"
         assert interrupted["error"] == INTERRUPTED
         assert (await again.get(queued["id"]))["state"] == "queued"
-    finally:
-        await again.close()
     assert await job_containers(docker, {uuid.UUID(job["id"])}) == []

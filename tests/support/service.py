@@ -116,6 +116,13 @@ class Service:
         submitted = await self.submit(**job)
         return await self.wait(submitted["id"], timeout=timeout)
 
+    async def __aenter__(self) -> "Service":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
     async def close(self) -> None:
         if self.process is not None and self.process.poll() is None:
             await self.stop()
