@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint format engine test-image bench venv clean
+.PHONY: run test test-postgres lint format engine test-image bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ run: venv engine
 test: venv
 	scripts/ensure-engine.sh --test
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## The same suite with every test on its own PostgreSQL database (started if needed).
+test-postgres: venv
+	scripts/ensure-engine.sh --test
+	JOBDOCK_TEST_DATABASE_URL="$$(scripts/ensure-postgres.sh)" $(BIN)/pytest $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.db import SessionFactory, create_engine, create_session_factory, upgrade_to_head
 from app.settings import Settings
 from app.worker.runner import LABEL_JOB_ID
+from tests.support.databases import database_url_for, drop_created_databases
 from tests.support.images import ensure_test_image
 from tests.support.service import Service
 
@@ -42,10 +43,16 @@ async def job_containers(docker: aiodocker.Docker, ids: Iterable[uuid.UUID]) -> 
     return [c.id for c in listed if (c["Labels"] or {}).get(LABEL_JOB_ID) in wanted]
 
 
+@pytest.fixture(scope="session", autouse=True)
+async def _drop_test_databases() -> AsyncIterator[None]:
+    yield
+    await drop_created_databases()
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+async def settings(tmp_path: Path) -> Settings:
     return Settings(
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'jobdock.db'}",
+        database_url=await database_url_for(tmp_path),
         poll_interval_seconds=0.2,
         heartbeat_interval_seconds=0.5,
         lease_seconds=5.0,

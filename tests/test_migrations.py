@@ -20,6 +20,7 @@ from sqlmodel import SQLModel
 
 import app.models  # noqa: F401  (puts the jobs table on SQLModel.metadata)
 from app.db import alembic_config, create_engine, upgrade_to_head
+from tests.support.databases import database_url_for
 
 
 def sqlite_url(path: Path) -> str:
@@ -34,8 +35,8 @@ def head_revision(url: str) -> str:
 
 @pytest.fixture
 async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    """An engine on a fresh, empty SQLite file."""
-    engine = create_engine(sqlite_url(tmp_path / "migrated.db"))
+    """An engine on a fresh, empty database: a SQLite file, or PostgreSQL when configured."""
+    engine = create_engine(await database_url_for(tmp_path))
     yield engine
     await engine.dispose()
 

@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 import psutil
 
+from tests.support.databases import database_url_for
+
 TERMINAL = {"succeeded", "failed", "timed_out", "cancelled"}
 
 
@@ -32,9 +34,9 @@ class Service:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"service-{self.port}.log"
+        self.settings = settings
         self.env = {
             **os.environ,
-            "JOBDOCK_DATABASE_URL": f"sqlite+aiosqlite:///{workdir / 'jobdock.db'}",
             "JOBDOCK_POLL_INTERVAL_SECONDS": "0.5",
             **{f"JOBDOCK_{name.upper()}": str(value) for name, value in settings.items()},
         }
@@ -42,6 +44,8 @@ class Service:
         self.client = httpx.AsyncClient(base_url=self.url, timeout=30.0)
 
     async def start(self, timeout: float = 30.0) -> None:
+        if "database_url" not in self.settings:
+            self.env["JOBDOCK_DATABASE_URL"] = await database_url_for(self.workdir)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "app", "serve", "--port", str(self.port)],
