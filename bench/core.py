@@ -50,14 +50,16 @@ async def bare_loop(docker: aiodocker.Docker, image: str, jobs: int, concurrency
     return jobs / (time.perf_counter() - start)
 
 
-async def through_jobdock(service: Service, image: str, jobs: int) -> tuple[float, list[float]]:
+async def through_jobdock(
+    service: Service, image: str, jobs: int, poll_seconds: float = 0.5
+) -> tuple[float, list[float]]:
     """Jobs per second and submit-to-terminal latencies through the HTTP API."""
 
     async def one() -> float:
         submitted = time.perf_counter()
         job = await service.submit(image=image, command=["echo", "hi"])
         # Until GET /jobs/{id}?wait= exists, poll gently so the poller is not the load.
-        done = await service.wait(job["id"], poll_seconds=0.5)
+        done = await service.wait(job["id"], poll_seconds=poll_seconds)
         assert done["state"] == "succeeded" and done["stdout"] == "hi\n", done
         return time.perf_counter() - submitted
 
@@ -97,7 +99,7 @@ async def main(args: argparse.Namespace) -> None:
                 latencies: list[float] = []
                 for _ in range(args.rounds):
                     bare.append(await bare_loop(docker, image, args.jobs, args.concurrency))
-                    rate, lat = await through_jobdock(service, image, args.jobs)
+                    rate, lat = await through_jobdock(service, image, args.jobs, args.poll)
                     ours.append(rate)
                     latencies.extend(lat)
                 idle_rss = service.rss_bytes()
@@ -130,4 +132,7 @@ if __name__ == "__main__":
     parser.add_argument("--jobs", type=int, default=40)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--poll", type=float, default=0.5, help="seconds between GET /jobs/{id} per job"
+    )
     asyncio.run(main(parser.parse_args()))
