@@ -32,5 +32,9 @@ class EngineUnreachable(EngineError):
     """The Docker engine cannot be reached."""
 
 
+class ContainerGone(EngineError):
+    """The job's container disappeared: it was removed outside Jobdock."""
+
+
 class ImageNotFound(EngineError):
     """The image is not on the engine and cannot be pulled."""

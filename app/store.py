@@ -226,6 +226,40 @@ async def finish_job(
     return finished
 
 
+async def take_over_job(
+    *,
+    session: AsyncSession,
+    job_id: uuid.UUID,
+    attempt: int,
+    worker_id: str,
+    lease_seconds: float,
+    only_if_lease_expired: bool,
+) -> Job | None:
+    """Move a running attempt's claim to this worker, which found its container.
+
+    Conditional on the job still running that very attempt, so a finished or retried job
+    is never taken over.
+    """
+    now = utc_now()
+    conditions = [
+        col(Job.id) == job_id,
+        col(Job.state) == JobState.running,
+        col(Job.attempt) == attempt,
+    ]
+    if only_if_lease_expired:
+        conditions.append(col(Job.lease_expires_at) < now)
+    result = await session.execute(
+        update(Job)
+        .where(*conditions)
+        .values(worker_id=worker_id, lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .returning(Job)
+        .execution_options(populate_existing=True)
+    )
+    job = result.scalar_one_or_none()
+    await session.commit()
+    return job
+
+
 async def fail_lost_jobs(*, session: AsyncSession) -> list[uuid.UUID]:
     """End running jobs whose worker stopped renewing its lease."""
     now = utc_now()

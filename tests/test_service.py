@@ -261,3 +261,48 @@ async def test_sigterm_interrupts_jobs_that_outlast_the_grace(
         assert interrupted["error"] == INTERRUPTED
         assert (await again.get(queued["id"]))["state"] == "queued"
     assert await job_containers(docker, {uuid.UUID(job["id"])}) == []
+
+
+async def test_kill_9_then_restart_reattaches_running_jobs(
+    tmp_path: Path, test_image: str, docker: aiodocker.Docker
+) -> None:
+    async with Service(tmp_path, workers=5) as svc:
+        jobs = [
+            await svc.submit(
+                image=test_image, command=["sh", "-c", f"hostname; sleep 3; echo job {n}"]
+            )
+            for n in range(5)
+        ]
+        ids = job_ids(*jobs)
+        for job in jobs:
+            await svc.wait(job["id"], states={"running"})
+        while len(await job_containers(docker, ids)) < 5:
+            await asyncio.sleep(0.05)
+        await svc.stop(signal.SIGKILL)
+    containers = {c[:12] for c in await job_containers(docker, ids)}
+    assert len(containers) == 5
+
+    async with Service(tmp_path, workers=5) as again:
+        finished = [await again.wait(job["id"], timeout=60) for job in jobs]
+    for n, job in enumerate(finished):
+        assert job["state"] == "succeeded", job
+        assert job["attempt"] == 1
+        hostname, output = job["stdout"].splitlines()
+        # The same container ran to its end: it was not created again.
+        assert hostname in containers
+        assert output == f"job {n}"
+    assert len({job["stdout"].split()[0] for job in finished}) == 5
+    assert await job_containers(docker, ids) == []
+
+
+async def test_container_removed_from_outside_fails_the_job(
+    service: Service, test_image: str, docker: aiodocker.Docker
+) -> None:
+    job = await service.submit(image=test_image, command=["sleep", "60"])
+    await service.wait(job["id"], states={"running"})
+    while not (containers := await job_containers(docker, job_ids(job))):
+        await asyncio.sleep(0.05)
+    await docker.containers.container(containers[0]).delete(force=True)
+    failed = await service.wait(job["id"], timeout=30)
+    assert failed["state"] == "failed"
+    assert "container disappeared" in failed["error"]

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from app import store
 from app.db import SessionFactory
 from app.errors import EngineError
-from app.models import AppliedLimits, Job, JobResult, JobState
+from app.models import AppliedLimits, Job, JobResult, JobState, utc_now
 from app.settings import MIB, Settings
 from app.worker.runner import (
     ContainerRun,
@@ -37,6 +37,10 @@ class JobRunner(Protocol):
         self, spec: JobSpec, *, cancel: asyncio.Event, on_created: OnCreated
     ) -> ContainerRun: ...
 
+    async def attach(
+        self, container_id: str, spec: JobSpec, *, cancel: asyncio.Event, running_for: float
+    ) -> ContainerRun: ...
+
     async def list_job_containers(self) -> list[LabelledContainer]: ...
 
     async def remove_container(self, container_id: str) -> None: ...
@@ -47,6 +51,8 @@ class RunningJob:
     job: Job
     task: "asyncio.Task[None]"
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    # Re-attached jobs run even when every slot is taken: their containers already run.
+    holds_slot: bool = True
 
 
 def spec_of(job: Job) -> JobSpec:
@@ -235,24 +241,37 @@ class WorkerPool:
                 lease_seconds=self._settings.lease_seconds,
             )
 
-    def _start_job(self, job: Job) -> None:
-        task = asyncio.create_task(self._run_job(job), name=f"jobdock-job-{job.id}")
-        self._running[job.id] = RunningJob(job=job, task=task)
+    def _start_job(
+        self, job: Job, *, container_id: str | None = None, holds_slot: bool = True
+    ) -> None:
+        task = asyncio.create_task(self._run_job(job, container_id), name=f"jobdock-job-{job.id}")
+        self._running[job.id] = RunningJob(job=job, task=task, holds_slot=holds_slot)
 
         def _release(_: "asyncio.Task[None]") -> None:
             self._running.pop(job.id, None)
-            self._slots.release()
+            if holds_slot:
+                self._slots.release()
 
         task.add_done_callback(_release)
 
-    async def _run_job(self, job: Job) -> None:
+    async def _run_job(self, job: Job, container_id: str | None) -> None:
         running = self._running[job.id]
-        logger.info("job %s attempt %d: starting %s", job.id, job.attempt, job.image)
         result = JobResult(state=JobState.failed, error=INTERRUPTED)
         try:
-            run = await self._runner.run(
-                spec_of(job), cancel=running.cancel, on_created=self._on_created(job)
-            )
+            if container_id is None:
+                logger.info("job %s attempt %d: starting %s", job.id, job.attempt, job.image)
+                run = await self._runner.run(
+                    spec_of(job), cancel=running.cancel, on_created=self._on_created(job)
+                )
+            else:
+                logger.info("job %s attempt %d: re-attached to its container", job.id, job.attempt)
+                started = job.started_at or utc_now()
+                run = await self._runner.attach(
+                    container_id,
+                    spec_of(job),
+                    cancel=running.cancel,
+                    running_for=(utc_now() - started).total_seconds(),
+                )
             result = result_of(job, run)
         except EngineError as exc:
             result = JobResult(state=JobState.failed, error=exc.message)
@@ -324,10 +343,43 @@ class WorkerPool:
 
     async def _maintenance_loop(self) -> None:
         interval = min(self._settings.lease_seconds, 15.0)
+        await self.reattach_containers(at_start=True)
         while True:
+            await self.reattach_containers(at_start=False)
             await self.fail_lost_jobs()
             await self.remove_leftover_containers()
             await asyncio.sleep(interval)
+
+    async def reattach_containers(self, *, at_start: bool) -> None:
+        """See to their end the jobs whose containers run on this engine with no worker.
+
+        At start every running job's container on this engine is taken over: one worker
+        serves one engine, so they are an earlier run's of this worker. Later, only those
+        whose lease expired are.
+        """
+        try:
+            containers = await self._runner.list_job_containers()
+        except EngineError as exc:
+            logger.warning("cannot list job containers: %s", exc.message)
+            return
+        for container in containers:
+            if container.job_id in self._running or self._stopping:
+                continue
+            async with self._sessions() as session:
+                job = await store.take_over_job(
+                    session=session,
+                    job_id=container.job_id,
+                    attempt=container.attempt,
+                    worker_id=self.worker_id,
+                    lease_seconds=self._settings.lease_seconds,
+                    only_if_lease_expired=not at_start,
+                )
+            if job is None:
+                continue
+            holds_slot = not self._slots.locked()
+            if holds_slot:
+                await self._slots.acquire()
+            self._start_job(job, container_id=container.container_id, holds_slot=holds_slot)
 
     async def fail_lost_jobs(self) -> None:
         async with self._sessions() as session:

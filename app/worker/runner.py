@@ -19,7 +19,7 @@ import aiohttp
 from aiodocker.containers import DockerContainer
 from aiodocker.exceptions import DockerError
 
-from app.errors import EngineError, EngineUnreachable, ImageNotFound
+from app.errors import ContainerGone, EngineError, EngineUnreachable, ImageNotFound
 from app.models import AppliedLimits
 from app.settings import MIB, Settings
 
@@ -184,17 +184,54 @@ class ContainerRunner:
     ) -> ContainerRun:
         await self._ensure_image(spec.image)
         container = await self._create(spec)
-        tasks: list[asyncio.Task[Any]] = []
-        try:
+
+        async def start() -> AppliedLimits:
             limits = await self._applied_limits(container, spec)
             await on_created(container.id, limits)
             await self._call(container.start())
+            return limits
+
+        return await self._supervise(container, spec, cancel, start, spec.timeout_seconds)
+
+    async def attach(
+        self, container_id: str, spec: JobSpec, *, cancel: asyncio.Event, running_for: float
+    ) -> ContainerRun:
+        """Take over a job container that an earlier worker started, and see it to its end.
+
+        The output is read from the container's start, so nothing is lost; the timeout
+        counts from when the job started, not from now.
+        """
+        container = self._docker.containers.container(container_id)
+
+        async def start() -> AppliedLimits:
+            limits = await self._applied_limits(container, spec)
+            if (await self._call(container.show()))["State"]["Status"] == "created":
+                # The earlier worker stopped between create and start.
+                await self._call(container.start())
+            return limits
+
+        remaining = max(0.0, spec.timeout_seconds - running_for)
+        with self._engine_errors():
+            return await self._supervise(container, spec, cancel, start, remaining)
+
+    async def _supervise(
+        self,
+        container: DockerContainer,
+        spec: JobSpec,
+        cancel: asyncio.Event,
+        start: Callable[[], Awaitable[AppliedLimits]],
+        timeout: float,
+    ) -> ContainerRun:
+        """Wait for a container, collect its output, and remove it whatever happens."""
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            limits = await start()
             outputs = [
                 asyncio.create_task(self._capture(container, stream), name=f"log-{stream}")
                 for stream in STREAMS
             ]
             tasks.extend(outputs)
-            stop_reason, status = await self._wait(container, spec, cancel, tasks)
+            stop_reason, status = await self._wait(container, timeout, cancel, tasks)
             state = (await self._call(container.show()))["State"]
             done, _ = await asyncio.wait(outputs, timeout=LOG_DRAIN_SECONDS)
             stdout, stderr = [
@@ -211,10 +248,27 @@ class ContainerRunner:
                 output_truncated=stdout.truncated or stderr.truncated,
                 limits=limits,
             )
+        except DockerError as exc:
+            if await self._is_gone(container, exc):
+                raise ContainerGone() from exc
+            raise
         finally:
             for task in tasks:
                 task.cancel()
             await _finish_despite_cancel(self._cleanup(container, tasks))
+
+    async def _is_gone(self, container: DockerContainer, error: DockerError) -> bool:
+        """Whether an engine error means someone removed the container under us."""
+        if error.status == 404:
+            return True
+        if error.status != 409:
+            return False
+        # 409 "dead or marked for removal": look again to tell that from other conflicts.
+        try:
+            state = (await self._call(container.show()))["State"]
+        except DockerError as again:
+            return again.status == 404
+        return bool(state.get("Dead") or state.get("RemovalInProgress"))
 
     async def _cleanup(self, container: DockerContainer, tasks: list[asyncio.Task[Any]]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -317,7 +371,7 @@ class ContainerRunner:
     async def _wait(
         self,
         container: DockerContainer,
-        spec: JobSpec,
+        timeout: float,
         cancel: asyncio.Event,
         tasks: list[asyncio.Task[Any]],
     ) -> tuple[StopReason, dict[str, Any]]:
@@ -325,7 +379,7 @@ class ContainerRunner:
         cancelled = asyncio.create_task(cancel.wait(), name="cancel")
         tasks.extend((exited, cancelled))
         await asyncio.wait(
-            (exited, cancelled), timeout=spec.timeout_seconds, return_when=asyncio.FIRST_COMPLETED
+            (exited, cancelled), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
         )
         if exited.done():
             return StopReason.exited, exited.result()

@@ -87,6 +87,7 @@ class FakeRunner:
         self.containers: list[LabelledContainer] = []
         self.list_error: EngineError | None = None
         self.removed: list[str] = []
+        self.attached: list[tuple[str, uuid.UUID]] = []
 
     async def run(
         self, spec: JobSpec, *, cancel: asyncio.Event, on_created: OnCreated
@@ -105,6 +106,12 @@ class FakeRunner:
             raise
         finally:
             self.active -= 1
+
+    async def attach(
+        self, container_id: str, spec: JobSpec, *, cancel: asyncio.Event, running_for: float
+    ) -> ContainerRun:
+        self.attached.append((container_id, spec.job_id))
+        return await self.behaviour(spec, cancel)
 
     async def list_job_containers(self) -> list[LabelledContainer]:
         if self.list_error is not None:
@@ -611,3 +618,53 @@ async def test_remove_leftover_containers_tolerates_an_engine_error(
     pool = make_pool(session_factory, runner, settings)
     await pool.remove_leftover_containers()
     assert runner.removed == []
+
+
+# -- re-attaching ------------------------------------------------------------------------
+
+
+async def test_at_start_a_pool_takes_over_running_jobs_whose_containers_it_finds(
+    settings: Settings, session_factory: SessionFactory
+) -> None:
+    orphan = await submit(session_factory, settings)
+    assert (await claim(session_factory, "dead-worker", lease_seconds=600)).id == orphan.id
+    other_attempt = await submit(session_factory, settings)
+    assert (await claim(session_factory, "dead-worker", lease_seconds=600)).id == other_attempt.id
+
+    runner = FakeRunner()
+    runner.containers = [
+        LabelledContainer("c-orphan", orphan.id, 1, "dead-worker"),
+        # A container of an attempt the job is no longer on is never taken over.
+        LabelledContainer("c-stale", other_attempt.id, 7, "dead-worker"),
+    ]
+    async with running(make_pool(session_factory, runner, settings, worker_id="new-worker")):
+        done = await wait_for_state(session_factory, orphan.id)
+    assert runner.attached == [("c-orphan", orphan.id)]
+    assert runner.specs == []  # attached, never run again
+    assert done.state is JobState.succeeded
+    assert done.attempt == 1
+    assert done.stdout == f"ran {orphan.id}\n"
+    stale = await get(session_factory, other_attempt.id)
+    assert (stale.state, stale.worker_id) == (JobState.running, "dead-worker")
+
+
+async def test_later_a_pool_takes_over_only_jobs_whose_lease_expired(
+    settings: Settings, session_factory: SessionFactory
+) -> None:
+    alive = await submit(session_factory, settings)
+    assert (await claim(session_factory, "live-worker", lease_seconds=600)).id == alive.id
+    expired = await submit(session_factory, settings)
+    assert (await claim(session_factory, "dead-worker", lease_seconds=-1)).id == expired.id
+
+    runner = FakeRunner()
+    runner.containers = [
+        LabelledContainer("c-alive", alive.id, 1, "live-worker"),
+        LabelledContainer("c-expired", expired.id, 1, "dead-worker"),
+    ]
+    pool = make_pool(session_factory, runner, settings, worker_id="new-worker")
+    await pool.reattach_containers(at_start=False)
+    done = await wait_for_state(session_factory, expired.id)
+    assert done.state is JobState.succeeded
+    assert runner.attached == [("c-expired", expired.id)]
+    assert (await get(session_factory, alive.id)).worker_id == "live-worker"
+    await pool.stop(grace_seconds=0)
