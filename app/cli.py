@@ -19,6 +19,11 @@ def _configure_logging(level: str) -> None:
     )
 
 
+def _settings(workers: int | None) -> Settings:
+    overrides = {} if workers is None else {"workers": workers}
+    return Settings(**overrides)  # type: ignore[arg-type]
+
+
 @cli.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
@@ -26,22 +31,36 @@ def serve(
     workers: Annotated[
         int | None, typer.Option(help="Jobs run at once (JOBDOCK_WORKERS); 0 serves only.")
     ] = None,
+    no_workers: Annotated[
+        bool, typer.Option("--no-workers", help="Serve the API only; `jobdock worker` runs jobs.")
+    ] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve the HTTP API with the embedded worker pool."""
     from app.main import create_app
 
     _configure_logging(log_level)
-    overrides = {} if workers is None else {"workers": workers}
-    settings = Settings(**overrides)  # type: ignore[arg-type]
+    settings = _settings(workers)
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, run_workers=not no_workers),
         host=host or settings.host,
         port=port or settings.port,
         log_level=log_level,
         # Requests in flight get a few seconds; the worker pool has its own grace period.
         timeout_graceful_shutdown=5,
     )
+
+
+@cli.command()
+def worker(
+    workers: Annotated[int | None, typer.Option(help="Jobs run at once (JOBDOCK_WORKERS).")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run jobs from the shared database on this host's Docker engine, without HTTP."""
+    from app.worker.service import run_worker
+
+    _configure_logging(log_level)
+    asyncio.run(run_worker(_settings(workers)))
 
 
 @cli.command()

@@ -11,8 +11,7 @@ from app.api import health, jobs
 from app.api.errors import install_error_handlers
 from app.db import create_engine, create_session_factory, upgrade_to_head
 from app.settings import Settings, get_settings
-from app.worker.pool import WorkerPool
-from app.worker.runner import ContainerRunner, create_docker_client
+from app.worker.service import start_pool
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +30,7 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True) ->
             app.state.session_factory = session_factory
             app.state.pool = None
             if run_workers and settings.workers > 0:
-                docker = create_docker_client(settings)
-                stack.push_async_callback(docker.close)
-                pool = WorkerPool(
-                    session_factory=session_factory,
-                    runner=ContainerRunner(docker, settings, settings.worker_id),
-                    settings=settings,
-                )
-                await pool.start()
-                stack.push_async_callback(pool.stop)
-                app.state.pool = pool
+                app.state.pool = await start_pool(stack, settings, session_factory)
             logger.info("jobdock %s ready (database %s)", __version__, engine.url)
             yield
 

@@ -306,3 +306,17 @@ async def test_container_removed_from_outside_fails_the_job(
     failed = await service.wait(job["id"], timeout=30)
     assert failed["state"] == "failed"
     assert "container disappeared" in failed["error"]
+
+
+async def test_api_only_node_and_a_separate_worker_share_the_database(
+    tmp_path: Path, test_image: str
+) -> None:
+    async with Service(tmp_path, command=["serve", "--no-workers"]) as api:
+        job = await api.submit(image=test_image, command=["sh", "-c", "echo from the worker"])
+        assert (await api.get(job["id"]))["state"] == "queued"
+        async with Service(tmp_path, command=["worker"], workers=2) as worker:
+            done = await api.wait(job["id"])
+            assert await worker.stop(signal.SIGTERM) in STOPPED_BY_SIGTERM
+        assert done["state"] == "succeeded"
+        assert done["stdout"] == "from the worker\n"
+        assert "worker " in worker.log() and " stopping" in worker.log()

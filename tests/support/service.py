@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,18 @@ def free_port() -> int:
 
 
 class Service:
-    """Starts, stops and kills one Jobdock process; talks to it over HTTP."""
+    """Starts, stops and kills one Jobdock process; talks to it over HTTP.
 
-    def __init__(self, workdir: Path, **settings: Any) -> None:
+    `command` is the `jobdock` command line: ("serve",) by default, ("serve", "--no-workers")
+    for an API-only node, or ("worker",) for a worker without HTTP.
+    """
+
+    def __init__(
+        self, workdir: Path, *, command: Sequence[str] = ("serve",), **settings: Any
+    ) -> None:
         self.workdir = workdir
+        self.command = list(command)
+        self.serves_http = self.command[0] == "serve"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"service-{self.port}.log"
@@ -48,7 +57,8 @@ class Service:
             self.env["JOBDOCK_DATABASE_URL"] = await database_url_for(self.workdir)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "app", *self.command]
+            + (["--port", str(self.port)] if self.serves_http else []),
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -58,13 +68,18 @@ class Service:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"jobdock exited at start:\n{self.log()}")
-            try:
-                if (await self.client.get("/healthz")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
+            if await self._ready():
+                return
             await asyncio.sleep(0.1)
         raise RuntimeError(f"jobdock did not answer within {timeout} s:\n{self.log()}")
+
+    async def _ready(self) -> bool:
+        if not self.serves_http:
+            return " ready (database " in self.log()
+        try:
+            return (await self.client.get("/healthz")).status_code == 200
+        except httpx.TransportError:
+            return False
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
