@@ -1,5 +1,7 @@
 """The async database engine and session factory, for SQLite (WAL) and PostgreSQL."""
 
+import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,3 +76,32 @@ async def upgrade_to_head(engine: AsyncEngine) -> None:
 
     async with engine.begin() as connection:
         await connection.run_sync(upgrade)
+
+
+# The PostgreSQL channel on which a submission wakes idle workers in other processes.
+SUBMISSIONS_CHANNEL = "jobdock_submissions"
+
+
+def is_postgresql(database_url: str) -> bool:
+    return make_url(database_url).get_backend_name() == "postgresql"
+
+
+async def listen_for_submissions(database_url: str, on_submission: Callable[[], None]) -> None:
+    """Call `on_submission` on every NOTIFY of a new job, until cancelled or disconnected.
+
+    PostgreSQL only: a dedicated asyncpg connection, outside the pool, holds the LISTEN.
+    """
+    import asyncpg
+
+    dsn = make_url(database_url).set(drivername="postgresql")
+    connection = await asyncpg.connect(dsn.render_as_string(hide_password=False))  # type: ignore[no-untyped-call]
+    lost = asyncio.Event()
+    try:
+        connection.add_termination_listener(lambda _: lost.set())
+        await connection.add_listener(SUBMISSIONS_CHANNEL, lambda *_: on_submission())
+        # Anything submitted while we were not listening is found by the next claim.
+        on_submission()
+        await lost.wait()
+        raise ConnectionError("the PostgreSQL connection for LISTEN was lost")
+    finally:
+        await connection.close()

@@ -7,11 +7,12 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 from sqlmodel import col
 
+from app.db import SUBMISSIONS_CHANNEL
 from app.errors import InvalidCursor, JobAlreadyFinished, JobNotFound
 from app.models import AppliedLimits, Job, JobCreate, JobResult, JobState, utc_now
 from app.settings import Settings
@@ -37,6 +38,9 @@ async def create_job(*, session: AsyncSession, job_in: JobCreate, settings: Sett
         },
     )
     session.add(job)
+    if session.get_bind().dialect.name == "postgresql":
+        # Delivered on commit: idle workers in other processes look for work at once.
+        await session.execute(select(func.pg_notify(SUBMISSIONS_CHANNEL, "")))
     await session.commit()
     return job
 

@@ -12,6 +12,7 @@ import pytest
 from app.settings import MIB
 from app.worker.pool import INTERRUPTED
 from tests.conftest import job_containers
+from tests.support.databases import server_url
 from tests.support.service import Service, job_ids
 
 # uvicorn shuts down cleanly, then re-raises the signal it caught.
@@ -320,3 +321,19 @@ async def test_api_only_node_and_a_separate_worker_share_the_database(
         assert done["state"] == "succeeded"
         assert done["stdout"] == "from the worker\n"
         assert "worker " in worker.log() and " stopping" in worker.log()
+
+
+@pytest.mark.skipif(server_url() is None, reason="LISTEN/NOTIFY needs PostgreSQL")
+async def test_a_submission_on_another_node_wakes_an_idle_worker(
+    tmp_path: Path, test_image: str
+) -> None:
+    # The worker polls once an hour: only a NOTIFY can get these jobs run in time.
+    async with (
+        Service(tmp_path, command=["serve", "--no-workers"]) as api,
+        Service(tmp_path, command=["worker"], workers=1, poll_interval_seconds=3600) as _,
+    ):
+        for n in range(3):
+            job = await api.submit(image=test_image, command=["echo", f"woken {n}"])
+            done = await api.wait(job["id"], timeout=60)
+            assert done["state"] == "succeeded"
+            assert done["stdout"] == f"woken {n}\n"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from app import store
-from app.db import SessionFactory
+from app.db import SessionFactory, is_postgresql, listen_for_submissions
 from app.errors import EngineError
 from app.models import AppliedLimits, Job, JobResult, JobState, utc_now
 from app.settings import MIB, Settings
@@ -142,6 +142,8 @@ class WorkerPool:
             self._spawn("heartbeat", self._heartbeat_loop),
             self._spawn("maintenance", self._maintenance_loop),
         ]
+        if is_postgresql(self._settings.database_url):
+            self._side_tasks.append(self._spawn("listen", self._listen_loop))
         logger.info("worker pool %s started with %d slots", self.worker_id, self.concurrency)
 
     async def stop(self, grace_seconds: float | None = None) -> None:
@@ -315,6 +317,10 @@ class WorkerPool:
         except asyncio.CancelledError:
             await task
             raise
+
+    async def _listen_loop(self) -> None:
+        # Raises when the connection drops; _watched logs it and listens again.
+        await listen_for_submissions(self._settings.database_url, self.wake)
 
     # -- leases and housekeeping -----------------------------------------------------------
 

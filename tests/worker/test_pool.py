@@ -18,6 +18,7 @@ from app.db import SessionFactory, create_engine, create_session_factory
 from app.errors import EngineError, EngineUnreachable, ImageNotFound
 from app.models import AppliedLimits, Job, JobCreate, JobResult, JobState
 from app.settings import MIB, Settings
+from app.worker import pool as pool_module
 from app.worker.pool import INTERRUPTED, WorkerPool, result_of
 from app.worker.runner import ContainerRun, JobSpec, LabelledContainer, OnCreated, StopReason
 
@@ -285,6 +286,8 @@ async def test_wake_makes_an_idle_pool_claim_at_once(
         return job
 
     monkeypatch.setattr(store, "claim_next_job", observed_claim)
+    # Only wake() may wake this pool: no LISTEN for other processes' submissions.
+    monkeypatch.setattr(pool_module, "is_postgresql", lambda _url: False)
     # Without a wake-up the next look at the queue is an hour away.
     slow = settings.model_copy(update={"poll_interval_seconds": 3600.0})
     runner = FakeRunner()
