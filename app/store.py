@@ -183,6 +183,25 @@ async def record_container(
     await session.commit()
 
 
+async def release_job(*, session: AsyncSession, job_id: uuid.UUID, worker_id: str) -> bool:
+    """Undo a claim whose job never started: back to the queue, the attempt not counted."""
+    released = await session.execute(
+        update(Job)
+        .where(*_held_by(job_id, worker_id))  # type: ignore[arg-type]
+        .values(
+            state=JobState.queued,
+            worker_id=None,
+            lease_expires_at=None,
+            started_at=None,
+            attempt=col(Job.attempt) - 1,
+        )
+        .returning(col(Job.id))
+    )
+    done = released.scalar_one_or_none() is not None
+    await session.commit()
+    return done
+
+
 async def renew_leases(
     *, session: AsyncSession, worker_id: str, job_ids: Sequence[uuid.UUID], lease_seconds: float
 ) -> dict[uuid.UUID, bool]:

@@ -2,7 +2,6 @@
 
 import asyncio
 import signal
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import aiodocker
 import pytest
 
 from app.settings import MIB
-from app.worker.pool import INTERRUPTED
 from tests.conftest import job_containers
 from tests.support.databases import server_url
 from tests.support.service import Service, job_ids
@@ -212,15 +210,19 @@ async def test_cancel_queued_and_running_jobs(
     assert await job_containers(docker, job_ids(running, queued)) == []
 
 
-async def test_engine_unreachable_fails_the_job_and_service_keeps_serving(
+async def test_jobs_wait_while_the_engine_is_unreachable_and_the_service_keeps_serving(
     tmp_path: Path, test_image: str
 ) -> None:
     async with Service(tmp_path, docker_host=f"unix://{tmp_path}/no-engine.sock") as svc:
-        job = await svc.run(image=test_image, command=["true"])
-        assert job["state"] == "failed"
-        assert "Docker engine unreachable" in job["error"]
+        job = await svc.submit(image=test_image, command=["true"])
+        async with asyncio.timeout(60):
+            while "back in the queue, the engine cannot be reached" not in svc.log():
+                await asyncio.sleep(0.05)
+        waiting = await svc.get(job["id"])
+        assert (waiting["state"], waiting["attempt"], waiting["error"]) == ("queued", 0, None)
         assert (await svc.client.get("/healthz")).status_code == 200
         assert (await svc.client.get("/jobs")).status_code == 200
+        assert (await svc.submit(image=test_image))["state"] == "queued"
 
 
 async def test_restart_keeps_jobs(tmp_path: Path, test_image: str) -> None:
@@ -248,20 +250,29 @@ async def test_sigterm_lets_running_jobs_finish_within_grace(
         assert finished["stdout"] == "finished\n"
 
 
-async def test_sigterm_interrupts_jobs_that_outlast_the_grace(
+async def test_sigterm_leaves_jobs_past_the_grace_for_re_attach(
     tmp_path: Path, test_image: str, docker: aiodocker.Docker
 ) -> None:
     async with Service(tmp_path, workers=1, shutdown_grace_seconds=1) as svc:
-        job = await svc.submit(image=test_image, command=["sleep", "120"])
+        job = await svc.submit(image=test_image, command=["sh", "-c", "sleep 4; echo survived"])
         queued = await svc.submit(image=test_image, command=["echo", "not yet"])
         await svc.wait(job["id"], states={"running"})
+        async with asyncio.timeout(60):
+            while not await job_containers(docker, job_ids(job)):
+                await asyncio.sleep(0.05)
         assert await svc.stop(signal.SIGTERM, timeout=30) in STOPPED_BY_SIGTERM
-    async with Service(tmp_path, workers=0) as again:
-        interrupted = await again.get(job["id"])
-        assert interrupted["state"] == "failed"
-        assert interrupted["error"] == INTERRUPTED
-        assert (await again.get(queued["id"]))["state"] == "queued"
-    assert await job_containers(docker, {uuid.UUID(job["id"])}) == []
+    # The container outlived the service; nothing new was claimed after SIGTERM.
+    assert len(await job_containers(docker, job_ids(job))) == 1
+    async with Service(tmp_path, workers=0) as idle:
+        assert (await idle.get(job["id"]))["state"] == "running"
+        assert (await idle.get(queued["id"]))["state"] == "queued"
+    async with Service(tmp_path, workers=1) as again:
+        finished = await again.wait(job["id"], timeout=60)
+        assert finished["state"] == "succeeded"
+        assert finished["stdout"] == "survived\n"
+        assert finished["attempt"] == 1
+        assert (await again.wait(queued["id"]))["stdout"] == "not yet\n"
+    assert await job_containers(docker, job_ids(job, queued)) == []
 
 
 async def test_kill_9_then_restart_reattaches_running_jobs(
@@ -277,8 +288,9 @@ async def test_kill_9_then_restart_reattaches_running_jobs(
         ids = job_ids(*jobs)
         for job in jobs:
             await svc.wait(job["id"], states={"running"})
-        while len(await job_containers(docker, ids)) < 5:
-            await asyncio.sleep(0.05)
+        async with asyncio.timeout(60):
+            while len(await job_containers(docker, ids)) < 5:
+                await asyncio.sleep(0.05)
         await svc.stop(signal.SIGKILL)
     containers = {c[:12] for c in await job_containers(docker, ids)}
     assert len(containers) == 5
@@ -301,8 +313,9 @@ async def test_container_removed_from_outside_fails_the_job(
 ) -> None:
     job = await service.submit(image=test_image, command=["sleep", "60"])
     await service.wait(job["id"], states={"running"})
-    while not (containers := await job_containers(docker, job_ids(job))):
-        await asyncio.sleep(0.05)
+    async with asyncio.timeout(60):
+        while not (containers := await job_containers(docker, job_ids(job))):
+            await asyncio.sleep(0.05)
     await docker.containers.container(containers[0]).delete(force=True)
     failed = await service.wait(job["id"], timeout=30)
     assert failed["state"] == "failed"

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from app import store
 from app.db import SessionFactory, is_postgresql, listen_for_submissions
-from app.errors import EngineError
+from app.errors import EngineError, EngineUnreachable
 from app.models import AppliedLimits, Job, JobResult, JobState, utc_now
 from app.settings import MIB, Settings
 from app.worker.runner import (
@@ -23,6 +23,7 @@ from app.worker.runner import (
     LabelledContainer,
     OnCreated,
     StopReason,
+    finish_despite_cancel,
 )
 
 logger = logging.getLogger(__name__)
@@ -31,15 +32,32 @@ INTERRUPTED = "interrupted: the worker shut down before the job finished"
 
 
 class JobRunner(Protocol):
-    """What the pool needs of an engine; ContainerRunner is the real one."""
+    """What the pool needs of an engine; ContainerRunner is the real one.
+
+    `cancel` asks the runner to kill the container; `detach` (set before the run's task is
+    cancelled) asks it to stop watching and leave the container running.
+    """
 
     async def run(
-        self, spec: JobSpec, *, cancel: asyncio.Event, on_created: OnCreated
+        self,
+        spec: JobSpec,
+        *,
+        cancel: asyncio.Event,
+        detach: asyncio.Event,
+        on_created: OnCreated,
     ) -> ContainerRun: ...
 
     async def attach(
-        self, container_id: str, spec: JobSpec, *, cancel: asyncio.Event, running_for: float
+        self,
+        container_id: str,
+        spec: JobSpec,
+        *,
+        cancel: asyncio.Event,
+        detach: asyncio.Event,
+        running_for: float,
     ) -> ContainerRun: ...
+
+    async def engine_answers(self) -> bool: ...
 
     async def list_job_containers(self) -> list[LabelledContainer]: ...
 
@@ -51,6 +69,8 @@ class RunningJob:
     job: Job
     task: "asyncio.Task[None]"
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set at shutdown past the grace period: leave the container running for re-attach.
+    detach: asyncio.Event = field(default_factory=asyncio.Event)
     # Re-attached jobs run even when every slot is taken: their containers already run.
     holds_slot: bool = True
 
@@ -131,6 +151,8 @@ class WorkerPool:
         self._claim_task: asyncio.Task[None] | None = None
         self._side_tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        # Set when the engine could not be reached; claiming waits until it answers.
+        self._engine_down = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -147,7 +169,11 @@ class WorkerPool:
         logger.info("worker pool %s started with %d slots", self.worker_id, self.concurrency)
 
     async def stop(self, grace_seconds: float | None = None) -> None:
-        """Stop claiming, give running jobs the grace period, then interrupt the rest."""
+        """Stop claiming, give running jobs the grace period, then leave the rest running.
+
+        Jobs past the grace keep their containers and stay `running`: the next start of a
+        worker on this engine re-attaches to them, and reads their whole output.
+        """
         grace = self._settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
         self._stopping = True
         self._wakeup.set()
@@ -158,8 +184,12 @@ class WorkerPool:
         if jobs:
             logger.info("waiting up to %g s for %d running jobs", grace, len(jobs))
             _, late = await asyncio.wait(jobs, timeout=grace) if grace > 0 else (set(), set(jobs))
-            for task in late:
-                task.cancel()
+            for running in list(self._running.values()):
+                if running.task in late:
+                    running.detach.set()
+                    running.task.cancel()
+            if late:
+                logger.info("left %d running jobs for re-attach", len(late))
             await asyncio.gather(*jobs, return_exceptions=True)
         for task in self._side_tasks:
             task.cancel()
@@ -206,6 +236,11 @@ class WorkerPool:
 
     async def _claim_loop(self) -> None:
         while not self._stopping:
+            if self._engine_down and not await self._runner.engine_answers():
+                # Jobs stay queued until the engine is back; nothing is claimed to fail.
+                await self._idle()
+                continue
+            self._engine_down = False
             await self._slots.acquire()
             self._wakeup.clear()
             claim = asyncio.ensure_future(self._claim())
@@ -228,12 +263,16 @@ class WorkerPool:
                 raise
             if job is None:
                 self._slots.release()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._wakeup.wait(), timeout=self._settings.poll_interval_seconds
-                    )
+                await self._idle()
                 continue
             self._start_job(job)
+
+    async def _idle(self) -> None:
+        """Wait for a wake-up, or the poll interval."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self._wakeup.wait(), timeout=self._settings.poll_interval_seconds
+            )
 
     async def _claim(self) -> Job | None:
         async with self._sessions() as session:
@@ -258,12 +297,22 @@ class WorkerPool:
 
     async def _run_job(self, job: Job, container_id: str | None) -> None:
         running = self._running[job.id]
-        result = JobResult(state=JobState.failed, error=INTERRUPTED)
+        created = container_id is not None
+        result: JobResult | None = JobResult(state=JobState.failed, error=INTERRUPTED)
+
+        async def on_created(new_container_id: str, limits: AppliedLimits) -> None:
+            nonlocal created
+            created = True
+            await self._record_container(job, new_container_id, limits)
+
         try:
             if container_id is None:
                 logger.info("job %s attempt %d: starting %s", job.id, job.attempt, job.image)
                 run = await self._runner.run(
-                    spec_of(job), cancel=running.cancel, on_created=self._on_created(job)
+                    spec_of(job),
+                    cancel=running.cancel,
+                    detach=running.detach,
+                    on_created=on_created,
                 )
             else:
                 logger.info("job %s attempt %d: re-attached to its container", job.id, job.attempt)
@@ -272,31 +321,50 @@ class WorkerPool:
                     container_id,
                     spec_of(job),
                     cancel=running.cancel,
+                    detach=running.detach,
                     running_for=(utc_now() - started).total_seconds(),
                 )
             result = result_of(job, run)
+        except EngineUnreachable as exc:
+            self._engine_down = True
+            # Before its container existed the job did not start: it waits in the queue
+            # for the engine rather than failing.
+            result = None if not created else JobResult(state=JobState.failed, error=exc.message)
         except EngineError as exc:
             result = JobResult(state=JobState.failed, error=exc.message)
         except asyncio.CancelledError:
+            if running.detach.is_set():
+                result = None
+                logger.info("job %s: left running for re-attach", job.id)
             raise
         except Exception as exc:
             logger.exception("job %s: unexpected failure", job.id)
             result = JobResult(state=JobState.failed, error=f"internal error: {exc!r}")
         finally:
-            await self._record(job, result)
+            if result is not None:
+                await self._record(job, result)
+            elif not running.detach.is_set():
+                await self._release(job)
 
-    def _on_created(self, job: Job) -> OnCreated:
-        async def record_container(container_id: str, limits: AppliedLimits) -> None:
+    async def _record_container(self, job: Job, container_id: str, limits: AppliedLimits) -> None:
+        async with self._sessions() as session:
+            await store.record_container(
+                session=session,
+                job_id=job.id,
+                worker_id=self.worker_id,
+                container_id=container_id,
+                limits=limits,
+            )
+
+    async def _release(self, job: Job) -> None:
+        """Give a job that never started back to the queue, as if it had not been claimed."""
+
+        async def write() -> None:
             async with self._sessions() as session:
-                await store.record_container(
-                    session=session,
-                    job_id=job.id,
-                    worker_id=self.worker_id,
-                    container_id=container_id,
-                    limits=limits,
-                )
+                await store.release_job(session=session, job_id=job.id, worker_id=self.worker_id)
+            logger.warning("job %s: back in the queue, the engine cannot be reached", job.id)
 
-        return record_container
+        await finish_despite_cancel(write())
 
     async def _record(self, job: Job, result: JobResult) -> None:
         """Write the terminal state; shielded so shutdown cannot lose a finished result."""
@@ -311,12 +379,7 @@ class WorkerPool:
             else:
                 logger.warning("job %s: result dropped, this worker no longer holds it", job.id)
 
-        task = asyncio.ensure_future(write())
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            await task
-            raise
+        await finish_despite_cancel(write())
 
     async def _listen_loop(self) -> None:
         # Raises when the connection drops; _watched logs it and listens again.

@@ -136,7 +136,7 @@ def create_docker_client(settings: Settings) -> aiodocker.Docker:
     return aiodocker.Docker(url=url, timeout=timeout)
 
 
-async def _finish_despite_cancel(coro: Coroutine[Any, Any, T]) -> T:
+async def finish_despite_cancel(coro: Coroutine[Any, Any, T]) -> T:
     """Run cleanup to the end even if the caller is being cancelled, then re-raise."""
     task = asyncio.ensure_future(coro)
     try:
@@ -155,11 +155,27 @@ class ContainerRunner:
         self._worker_id = worker_id
 
     async def run(
-        self, spec: JobSpec, *, cancel: asyncio.Event, on_created: OnCreated
+        self,
+        spec: JobSpec,
+        *,
+        cancel: asyncio.Event,
+        detach: asyncio.Event,
+        on_created: OnCreated,
     ) -> ContainerRun:
-        """Run the job to its end. Raises ImageNotFound, EngineUnreachable or EngineError."""
+        """Run the job to its end. Raises ImageNotFound, EngineUnreachable or EngineError.
+
+        Setting `cancel` kills the container. Setting `detach`, then cancelling the task,
+        leaves the container running for a later `attach`.
+        """
         with self._engine_errors():
-            return await self._run(spec, cancel=cancel, on_created=on_created)
+            return await self._run(spec, cancel=cancel, detach=detach, on_created=on_created)
+
+    async def engine_answers(self) -> bool:
+        try:
+            await self._call(self._docker.version())
+        except (DockerError, aiohttp.ClientError, OSError):
+            return False
+        return True
 
     @contextlib.contextmanager
     def _engine_errors(self) -> Iterator[None]:
@@ -180,7 +196,12 @@ class ContainerRunner:
             raise EngineUnreachable(f"Docker engine unreachable: {exc}") from exc
 
     async def _run(
-        self, spec: JobSpec, *, cancel: asyncio.Event, on_created: OnCreated
+        self,
+        spec: JobSpec,
+        *,
+        cancel: asyncio.Event,
+        detach: asyncio.Event,
+        on_created: OnCreated,
     ) -> ContainerRun:
         await self._ensure_image(spec.image)
         container = await self._create(spec)
@@ -191,10 +212,16 @@ class ContainerRunner:
             await self._call(container.start())
             return limits
 
-        return await self._supervise(container, spec, cancel, start, spec.timeout_seconds)
+        return await self._supervise(container, cancel, detach, start, timeout=spec.timeout_seconds)
 
     async def attach(
-        self, container_id: str, spec: JobSpec, *, cancel: asyncio.Event, running_for: float
+        self,
+        container_id: str,
+        spec: JobSpec,
+        *,
+        cancel: asyncio.Event,
+        detach: asyncio.Event,
+        running_for: float,
     ) -> ContainerRun:
         """Take over a job container that an earlier worker started, and see it to its end.
 
@@ -212,17 +239,18 @@ class ContainerRunner:
 
         remaining = max(0.0, spec.timeout_seconds - running_for)
         with self._engine_errors():
-            return await self._supervise(container, spec, cancel, start, remaining)
+            return await self._supervise(container, cancel, detach, start, timeout=remaining)
 
     async def _supervise(
         self,
         container: DockerContainer,
-        spec: JobSpec,
         cancel: asyncio.Event,
+        detach: asyncio.Event,
         start: Callable[[], Awaitable[AppliedLimits]],
+        *,
         timeout: float,
     ) -> ContainerRun:
-        """Wait for a container, collect its output, and remove it whatever happens."""
+        """Wait for a container, collect its output, and remove it, unless told to detach."""
         tasks: list[asyncio.Task[Any]] = []
         try:
             limits = await start()
@@ -255,7 +283,10 @@ class ContainerRunner:
         finally:
             for task in tasks:
                 task.cancel()
-            await _finish_despite_cancel(self._cleanup(container, tasks))
+            if detach.is_set():
+                await asyncio.gather(*tasks, return_exceptions=True)
+            else:
+                await finish_despite_cancel(self._cleanup(container, tasks))
 
     async def _is_gone(self, container: DockerContainer, error: DockerError) -> bool:
         """Whether an engine error means someone removed the container under us."""

@@ -19,7 +19,7 @@ from app.errors import EngineError, EngineUnreachable, ImageNotFound
 from app.models import AppliedLimits, Job, JobCreate, JobResult, JobState
 from app.settings import MIB, Settings
 from app.worker import pool as pool_module
-from app.worker.pool import INTERRUPTED, WorkerPool, result_of
+from app.worker.pool import WorkerPool, result_of
 from app.worker.runner import ContainerRun, JobSpec, LabelledContainer, OnCreated, StopReason
 
 DEADLINE = 30.0
@@ -89,9 +89,16 @@ class FakeRunner:
         self.list_error: EngineError | None = None
         self.removed: list[str] = []
         self.attached: list[tuple[str, uuid.UUID]] = []
+        self.detached: set[uuid.UUID] = set()
+        self.engine_up = True
 
     async def run(
-        self, spec: JobSpec, *, cancel: asyncio.Event, on_created: OnCreated
+        self,
+        spec: JobSpec,
+        *,
+        cancel: asyncio.Event,
+        detach: asyncio.Event,
+        on_created: OnCreated,
     ) -> ContainerRun:
         self.specs.append(spec)
         self.active += 1
@@ -104,15 +111,26 @@ class FakeRunner:
             return result
         except asyncio.CancelledError:
             self.interrupted.add(spec.job_id)
+            if detach.is_set():
+                self.detached.add(spec.job_id)
             raise
         finally:
             self.active -= 1
 
     async def attach(
-        self, container_id: str, spec: JobSpec, *, cancel: asyncio.Event, running_for: float
+        self,
+        container_id: str,
+        spec: JobSpec,
+        *,
+        cancel: asyncio.Event,
+        detach: asyncio.Event,
+        running_for: float,
     ) -> ContainerRun:
         self.attached.append((container_id, spec.job_id))
         return await self.behaviour(spec, cancel)
+
+    async def engine_answers(self) -> bool:
+        return self.engine_up
 
     async def list_job_containers(self) -> list[LabelledContainer]:
         if self.list_error is not None:
@@ -362,7 +380,7 @@ async def test_cancel_requested_in_the_database_reaches_the_runner(
 # -- graceful stop -----------------------------------------------------------------------
 
 
-async def test_stop_lets_a_short_job_finish_and_interrupts_a_long_one(
+async def test_stop_lets_a_short_job_finish_and_leaves_a_long_one_for_re_attach(
     settings: Settings, session_factory: SessionFactory
 ) -> None:
     release_short = asyncio.Event()
@@ -397,9 +415,11 @@ async def test_stop_lets_a_short_job_finish_and_interrupts_a_long_one(
     long_job = await get(session_factory, long.id)
     assert short_job.state is JobState.succeeded
     assert short_job.stdout == "short done\n"
-    assert long_job.state is JobState.failed
-    assert long_job.error == INTERRUPTED
+    # Past the grace the job is left running, still this worker's, for a re-attach.
+    assert (long_job.state, long_job.worker_id) == (JobState.running, "pool-a")
+    assert long_job.error is None
     assert runner.interrupted == {long.id}
+    assert runner.detached == {long.id}
     assert pool.running_job_ids == []
     # Nothing new was claimed once stopping began, even though a slot came free.
     assert (await get(session_factory, waiting.id)).state is JobState.queued
@@ -671,3 +691,42 @@ async def test_later_a_pool_takes_over_only_jobs_whose_lease_expired(
     assert runner.attached == [("c-expired", expired.id)]
     assert (await get(session_factory, alive.id)).worker_id == "live-worker"
     await pool.stop(grace_seconds=0)
+
+
+async def test_a_job_that_cannot_reach_the_engine_waits_in_the_queue(
+    settings: Settings, session_factory: SessionFactory
+) -> None:
+    outages = 1
+
+    async def engine_down_once(spec: JobSpec, cancel: asyncio.Event) -> ContainerRun:
+        return container_run(stdout="ran\n")
+
+    class DownBeforeCreate(FakeRunner):
+        async def run(
+            self,
+            spec: JobSpec,
+            *,
+            cancel: asyncio.Event,
+            detach: asyncio.Event,
+            on_created: OnCreated,
+        ) -> ContainerRun:
+            nonlocal outages
+            if outages:
+                outages -= 1
+                self.engine_up = False
+                raise EngineUnreachable("Docker engine unreachable: connection refused")
+            return await super().run(spec, cancel=cancel, detach=detach, on_created=on_created)
+
+    runner = DownBeforeCreate(engine_down_once)
+    job = await submit(session_factory, settings)
+    async with running(make_pool(session_factory, runner, settings)) as pool:
+        await wait_until(lambda: outages == 0, "the first try met the outage")
+        requeued = await wait_for_state(session_factory, job.id, {JobState.queued})
+        assert (requeued.attempt, requeued.worker_id, requeued.error) == (0, None, None)
+        # While the engine does not answer, the pool claims nothing.
+        pool.wake()
+        await asyncio.sleep(settings.poll_interval_seconds * 3)
+        assert (await get(session_factory, job.id)).state is JobState.queued
+        runner.engine_up = True
+        done = await wait_for_state(session_factory, job.id)
+    assert (done.state, done.attempt, done.stdout) == (JobState.succeeded, 1, "ran\n")

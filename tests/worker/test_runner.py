@@ -121,7 +121,7 @@ async def run(
     recorder = recorder or CreatedRecorder(harness.docker)
     async with asyncio.timeout(RUN_DEADLINE):
         result = await harness.runner.run(
-            spec, cancel=cancel or asyncio.Event(), on_created=recorder
+            spec, cancel=cancel or asyncio.Event(), detach=asyncio.Event(), on_created=recorder
         )
     assert recorder.calls == 1
     return result, recorder
@@ -402,7 +402,9 @@ async def test_unknown_image_raises_image_not_found(harness: Harness) -> None:
     recorder = CreatedRecorder(harness.docker)
     with pytest.raises(ImageNotFound) as info:
         async with asyncio.timeout(RUN_DEADLINE):
-            await harness.runner.run(spec, cancel=asyncio.Event(), on_created=recorder)
+            await harness.runner.run(
+                spec, cancel=asyncio.Event(), detach=asyncio.Event(), on_created=recorder
+            )
     assert image in info.value.message
     assert isinstance(info.value, EngineError)
     assert recorder.calls == 0
@@ -417,7 +419,9 @@ async def test_unreachable_engine_raises_engine_unreachable(harness: Harness) ->
         recorder = CreatedRecorder(harness.docker)
         with pytest.raises(EngineUnreachable):
             async with asyncio.timeout(RUN_DEADLINE):
-                await runner.run(spec, cancel=asyncio.Event(), on_created=recorder)
+                await runner.run(
+                    spec, cancel=asyncio.Event(), detach=asyncio.Event(), on_created=recorder
+                )
         assert recorder.calls == 0
         with pytest.raises(EngineUnreachable):
             await runner.list_job_containers()
@@ -449,6 +453,7 @@ async def test_engine_that_does_not_answer_raises_engine_error_naming_the_deadli
                 await runner.run(
                     harness.spec("true"),
                     cancel=asyncio.Event(),
+                    detach=asyncio.Event(),
                     on_created=CreatedRecorder(harness.docker),
                 )
         assert "did not answer within 1 s" in info.value.message, info.value.message
@@ -490,7 +495,10 @@ async def test_truncated_runs_give_back_their_engine_connections(harness: Harnes
             try:
                 async with asyncio.timeout(20.0):  # a healthy run takes well under a second
                     result = await runner.run(
-                        spec, cancel=asyncio.Event(), on_created=CreatedRecorder(harness.docker)
+                        spec,
+                        cancel=asyncio.Event(),
+                        detach=asyncio.Event(),
+                        on_created=CreatedRecorder(harness.docker),
                     )
             except (EngineError, TimeoutError) as exc:
                 raise AssertionError(
