@@ -81,6 +81,9 @@ class JobBase(SQLModel):
     cpu_shares: int | None = Field(default=None, ge=2, le=262144)
     memory_mb: int | None = Field(default=None, ge=6)
     timeout_seconds: int | None = Field(default=None, ge=1)
+    priority: int = Field(default=0, ge=-100, le=100)
+    max_attempts: int = Field(default=1, ge=1, le=10, sa_column_kwargs={"server_default": "1"})
+    retry_on_exit_codes: list[int] | None = Field(default=None, sa_type=sa.JSON)
 
 
 # The body of POST /jobs. Caps that depend on settings are checked in the API layer.
@@ -97,6 +100,9 @@ class JobCreate(JobBase):
                     "cpu_shares": 512,
                     "memory_mb": 256,
                     "timeout_seconds": 30,
+                    "priority": 0,
+                    "max_attempts": 3,
+                    "retry_on_exit_codes": [75],
                 }
             ]
         },
@@ -153,6 +159,18 @@ class JobCreate(JobBase):
                 raise ValueError(f"env value of {name} is longer than {ARG_MAX_BYTES} bytes")
         return env
 
+    @field_validator("retry_on_exit_codes")
+    @classmethod
+    def _exit_codes_are_failures(cls, codes: list[int] | None) -> list[int] | None:
+        if codes is None:
+            return None
+        if not codes:
+            raise ValueError("retry_on_exit_codes must not be empty; omit it to retry on any")
+        bad = [code for code in codes if not 1 <= code <= 255]
+        if bad:
+            raise ValueError(f"retry_on_exit_codes must be failure codes 1..255, not {bad}")
+        return sorted(set(codes))
+
     @field_validator("working_dir")
     @classmethod
     def _working_dir_is_absolute(cls, working_dir: str | None) -> str | None:
@@ -172,6 +190,17 @@ class AppliedLimits(BaseModel):
     timeout_seconds: int
     output_limit_bytes: int
     network_mode: str
+
+
+# How one earlier attempt of a retried job ended.
+class AttemptRecord(BaseModel):
+    attempt: int
+    state: JobState
+    exit_code: int | None
+    error: str | None
+    worker_id: str | None
+    started_at: datetime | None
+    finished_at: datetime
 
 
 # The stored job. Never returned directly: see JobSummary and JobPublic.
@@ -198,7 +227,6 @@ class Job(JobBase, table=True):
     memory_mb: int = Field(ge=6)
     timeout_seconds: int = Field(ge=1)
 
-    priority: int = Field(default=0)
     run_after: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime)
     attempt: int = Field(default=0)
     worker_id: str | None = Field(default=None, max_length=255)
@@ -206,6 +234,8 @@ class Job(JobBase, table=True):
     cancel_requested: bool = Field(default=False)
     container_id: str | None = Field(default=None, max_length=128)
     limits: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+    # Earlier attempts of a retried job, oldest first (AttemptRecord dumps).
+    attempts: list[dict[str, Any]] | None = Field(default=None, sa_type=sa.JSON)
 
     exit_code: int | None = None
     stdout: str = Field(default="", sa_type=sa.Text)
@@ -229,11 +259,17 @@ class JobSummary(JobBase):
     output_truncated: bool
     error: str | None
     attempt: int
+    attempts: list[AttemptRecord]
     cancel_requested: bool
     limits: AppliedLimits | None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+    @field_validator("attempts", mode="before")
+    @classmethod
+    def _no_attempts_yet(cls, attempts: list[Any] | None) -> list[Any]:
+        return attempts or []
 
 
 # A job as read by id: the summary plus stdout and stderr.

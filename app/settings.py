@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     heartbeat_interval_seconds: float = Field(default=5.0, gt=0)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
 
+    # A failed attempt is retried after base * 2**(attempt-1) seconds, capped, with jitter.
+    retry_backoff_seconds: float = Field(default=2.0, ge=0)
+    retry_backoff_max_seconds: float = Field(default=300.0, ge=0)
+
     default_cpu_shares: int = Field(default=1024, ge=2, le=262144)
     default_memory_mb: int = Field(default=256, ge=6)
     max_memory_mb: int = Field(default=4096, ge=6)

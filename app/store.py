@@ -4,8 +4,9 @@ import base64
 import binascii
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -14,7 +15,15 @@ from sqlmodel import col
 
 from app.db import SUBMISSIONS_CHANNEL
 from app.errors import InvalidCursor, JobAlreadyFinished, JobNotFound
-from app.models import AppliedLimits, Job, JobCreate, JobResult, JobState, utc_now
+from app.models import (
+    AppliedLimits,
+    AttemptRecord,
+    Job,
+    JobCreate,
+    JobResult,
+    JobState,
+    utc_now,
+)
 from app.settings import Settings
 
 LOST_WITH_WORKER = "lost with its worker: its lease expired while it was running"
@@ -283,20 +292,115 @@ async def take_over_job(
     return job
 
 
-async def fail_lost_jobs(*, session: AsyncSession) -> list[uuid.UUID]:
-    """End running jobs whose worker stopped renewing its lease."""
-    now = utc_now()
-    result = await session.execute(
+def _requeued(run_after: datetime, attempts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The columns of a job going back to the queue for its next attempt."""
+    return {
+        "state": JobState.queued,
+        "worker_id": None,
+        "lease_expires_at": None,
+        "run_after": run_after,
+        "started_at": None,
+        "container_id": None,
+        "limits": None,
+        "attempts": attempts,
+        "exit_code": None,
+        "error": None,
+        "stdout": "",
+        "stderr": "",
+        "output_truncated": False,
+    }
+
+
+async def retry_job(
+    *,
+    session: AsyncSession,
+    job: Job,
+    worker_id: str,
+    result: JobResult,
+    run_after: datetime,
+) -> bool:
+    """Record a failed attempt and queue the next one, only while this worker's claim holds."""
+    record = AttemptRecord(
+        attempt=job.attempt,
+        state=result.state,
+        exit_code=result.exit_code,
+        error=result.error,
+        worker_id=worker_id,
+        started_at=job.started_at,
+        finished_at=utc_now(),
+    )
+    attempts = [*(job.attempts or []), record.model_dump(mode="json")]
+    written = await session.execute(
         update(Job)
-        .where(col(Job.state) == JobState.running, col(Job.lease_expires_at) < now)
-        .values(
-            state=JobState.failed, error=LOST_WITH_WORKER, finished_at=now, lease_expires_at=None
-        )
+        .where(*_held_by(job.id, worker_id))  # type: ignore[arg-type]
+        .values(**_requeued(run_after, attempts))
         .returning(col(Job.id))
     )
-    lost = list(result.scalars().all())
+    retried = written.scalar_one_or_none() is not None
     await session.commit()
-    return lost
+    return retried
+
+
+async def rescue_lost_jobs(
+    *, session: AsyncSession, next_run_after: Callable[[int], datetime]
+) -> list[tuple[uuid.UUID, JobState]]:
+    """Re-queue, or end when its attempts are used, each running job whose lease expired.
+
+    Each write is conditional on what was read (worker, attempt, lease), so a job its
+    worker renewed or finished meanwhile is left alone.
+    """
+    now = utc_now()
+    lost = (
+        (
+            await session.execute(
+                select(Job)
+                .options(defer(Job.stdout), defer(Job.stderr))  # type: ignore[arg-type]
+                .where(col(Job.state) == JobState.running, col(Job.lease_expires_at) < now)
+            )
+        )
+        .scalars()
+        .all()
+    )
+    await session.commit()
+    rescued = []
+    for job in lost:
+        record = AttemptRecord(
+            attempt=job.attempt,
+            state=JobState.failed,
+            exit_code=None,
+            error=LOST_WITH_WORKER,
+            worker_id=job.worker_id,
+            started_at=job.started_at,
+            finished_at=now,
+        )
+        if job.attempt < job.max_attempts:
+            state = JobState.queued
+            attempts = [*(job.attempts or []), record.model_dump(mode="json")]
+            values = _requeued(next_run_after(job.attempt), attempts)
+        else:
+            state = JobState.failed
+            values = {
+                "state": state,
+                "error": LOST_WITH_WORKER,
+                "finished_at": now,
+                "lease_expires_at": None,
+            }
+        written = await session.execute(
+            update(Job)
+            .where(
+                col(Job.id) == job.id,
+                col(Job.state) == JobState.running,
+                col(Job.worker_id) == job.worker_id,
+                col(Job.attempt) == job.attempt,
+                col(Job.lease_expires_at) < now,
+            )
+            .values(**values)
+            .returning(col(Job.id))
+        )
+        if written.scalar_one_or_none() is not None:
+            rescued.append((job.id, state))
+        await session.commit()
+    return rescued
 
 
 async def get_states(

@@ -350,3 +350,48 @@ async def test_a_submission_on_another_node_wakes_an_idle_worker(
             done = await api.wait(job["id"], timeout=60)
             assert done["state"] == "succeeded"
             assert done["stdout"] == f"woken {n}\n"
+
+
+async def test_failed_attempts_are_retried_and_recorded(tmp_path: Path, test_image: str) -> None:
+    async with Service(tmp_path, workers=2, retry_backoff_seconds=0.2) as svc:
+        retried, not_listed = await asyncio.gather(
+            svc.run(image=test_image, command=["sh", "-c", "echo try; exit 3"], max_attempts=3),
+            svc.run(
+                image=test_image,
+                command=["sh", "-c", "exit 3"],
+                max_attempts=3,
+                retry_on_exit_codes=[75],
+            ),
+        )
+    assert retried["state"] == "failed"
+    assert (retried["attempt"], retried["exit_code"], retried["stdout"]) == (3, 3, "try\n")
+    assert [(a["attempt"], a["state"], a["exit_code"]) for a in retried["attempts"]] == [
+        (1, "failed", 3),
+        (2, "failed", 3),
+    ]
+    # Exit 3 is not among the codes to retry on: one attempt only.
+    assert (not_listed["state"], not_listed["attempt"], not_listed["attempts"]) == (
+        "failed",
+        1,
+        [],
+    )
+
+
+async def test_higher_priority_runs_first_then_oldest_first(
+    tmp_path: Path, test_image: str
+) -> None:
+    async with Service(tmp_path, workers=0) as idle:
+        jobs = [
+            await idle.submit(image=test_image, command=["true"], priority=priority)
+            for priority in (0, -5, 50, 0, 100)
+        ]
+    async with Service(tmp_path, workers=1) as one:
+        finished = [await one.wait(job["id"]) for job in jobs]
+    by_start = sorted(finished, key=lambda job: job["started_at"])
+    assert [job["id"] for job in by_start] == [
+        jobs[4]["id"],
+        jobs[2]["id"],
+        jobs[0]["id"],
+        jobs[3]["id"],
+        jobs[1]["id"],
+    ]

@@ -88,8 +88,11 @@ async def renew(
 
 
 async def fail_lost(session_factory: SessionFactory) -> list[uuid.UUID]:
+    """Rescue lost jobs; with one attempt allowed (the default) they all end failed."""
     async with session_factory() as session:
-        return await store.fail_lost_jobs(session=session)
+        rescued = await store.rescue_lost_jobs(session=session, next_run_after=lambda _: T0)
+    assert all(state is JobState.failed for _, state in rescued), rescued
+    return [job_id for job_id, _ in rescued]
 
 
 async def list_page(
@@ -351,7 +354,7 @@ async def test_renew_after_rescue_reports_the_job_lost(session_factory: SessionF
     assert (await read(session_factory, job.id)).state is JobState.failed
 
 
-async def test_fail_lost_jobs_touches_only_running_jobs_with_expired_lease(
+async def test_rescue_lost_jobs_touches_only_running_jobs_with_expired_lease(
     session_factory: SessionFactory,
 ) -> None:
     past = utc_now() - timedelta(minutes=1)
@@ -509,3 +512,55 @@ async def test_get_job_sees_writes_made_elsewhere(session_factory: SessionFactor
             await other.commit()
         again = await store.get_job(session=session, job_id=job.id)
         assert again.state is JobState.failed
+
+
+async def test_rescue_requeues_a_lost_job_with_attempts_left_and_records_the_attempt(
+    session_factory: SessionFactory,
+) -> None:
+    await add_job(session_factory, max_attempts=2)
+    lost = await claimed(session_factory, worker_id="worker-a", lease_seconds=-60)
+    retry_at = utc_now() + timedelta(seconds=30)
+    async with session_factory() as session:
+        rescued = await store.rescue_lost_jobs(session=session, next_run_after=lambda _: retry_at)
+    assert rescued == [(lost.id, JobState.queued)]
+    job = await read(session_factory, lost.id)
+    assert (job.state, job.attempt, job.worker_id, job.error) == (JobState.queued, 1, None, None)
+    assert job.run_after == retry_at
+    assert job.attempts is not None and len(job.attempts) == 1
+    record = job.attempts[0]
+    assert (record["attempt"], record["worker_id"], record["error"]) == (
+        1,
+        "worker-a",
+        store.LOST_WITH_WORKER,
+    )
+    # Not claimable before its backoff ends.
+    async with session_factory() as session:
+        assert await store.claim_next_job(session=session, worker_id="b", lease_seconds=5) is None
+
+
+async def test_retry_job_queues_the_next_attempt_only_while_the_claim_holds(
+    session_factory: SessionFactory,
+) -> None:
+    await add_job(session_factory, max_attempts=3)
+    job = await claimed(session_factory, worker_id="worker-a", lease_seconds=60)
+    failed = JobResult(state=JobState.failed, exit_code=3, stdout="partial\n")
+    async with session_factory() as session:
+        assert not await store.retry_job(
+            session=session, job=job, worker_id="intruder", result=failed, run_after=T0
+        )
+        assert await store.retry_job(
+            session=session, job=job, worker_id="worker-a", result=failed, run_after=T0
+        )
+    again = await read(session_factory, job.id)
+    assert (again.state, again.attempt, again.stdout, again.exit_code) == (
+        JobState.queued,
+        1,
+        "",
+        None,
+    )
+    assert again.attempts is not None
+    assert [(a["attempt"], a["exit_code"], a["state"]) for a in again.attempts] == [
+        (1, 3, "failed")
+    ]
+    second = await claimed(session_factory, worker_id="worker-b", lease_seconds=60)
+    assert (second.id, second.attempt) == (job.id, 2)

@@ -7,14 +7,16 @@ through a JobRunner, so the pool itself holds neither SQL nor HTTP.
 import asyncio
 import contextlib
 import logging
+import random
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from app import store
 from app.db import SessionFactory, is_postgresql, listen_for_submissions
-from app.errors import EngineError, EngineUnreachable
+from app.errors import EngineError, EngineUnreachable, ImageNotFound
 from app.models import AppliedLimits, Job, JobResult, JobState, utc_now
 from app.settings import MIB, Settings
 from app.worker.runner import (
@@ -126,6 +128,22 @@ def result_of(job: Job, run: ContainerRun) -> JobResult:
         error=truncated_note if run.output_truncated else None,
         **output,
     )
+
+
+def should_retry(job: Job, result: JobResult, *, infrastructure: bool) -> bool:
+    """Whether a finished attempt gets another: failures only, while attempts remain.
+
+    Engine failures always qualify; a non-zero exit when its code is in
+    `retry_on_exit_codes` (any code if that is unset). Timeouts, cancels and missing
+    images do not: another attempt would meet the same end.
+    """
+    if job.attempt >= job.max_attempts or result.state is not JobState.failed:
+        return False
+    if infrastructure:
+        return True
+    if result.exit_code is None or result.exit_code == 0:
+        return False
+    return job.retry_on_exit_codes is None or result.exit_code in job.retry_on_exit_codes
 
 
 class WorkerPool:
@@ -299,6 +317,7 @@ class WorkerPool:
         running = self._running[job.id]
         created = container_id is not None
         result: JobResult | None = JobResult(state=JobState.failed, error=INTERRUPTED)
+        infrastructure = False
 
         async def on_created(new_container_id: str, limits: AppliedLimits) -> None:
             nonlocal created
@@ -330,8 +349,12 @@ class WorkerPool:
             # Before its container existed the job did not start: it waits in the queue
             # for the engine rather than failing.
             result = None if not created else JobResult(state=JobState.failed, error=exc.message)
+            infrastructure = True
+        except ImageNotFound as exc:
+            result = JobResult(state=JobState.failed, error=exc.message)
         except EngineError as exc:
             result = JobResult(state=JobState.failed, error=exc.message)
+            infrastructure = True
         except asyncio.CancelledError:
             if running.detach.is_set():
                 result = None
@@ -342,7 +365,7 @@ class WorkerPool:
             result = JobResult(state=JobState.failed, error=f"internal error: {exc!r}")
         finally:
             if result is not None:
-                await self._record(job, result)
+                await self._record(job, result, infrastructure=infrastructure)
             elif not running.detach.is_set():
                 await self._release(job)
 
@@ -366,18 +389,37 @@ class WorkerPool:
 
         await finish_despite_cancel(write())
 
-    async def _record(self, job: Job, result: JobResult) -> None:
-        """Write the terminal state; shielded so shutdown cannot lose a finished result."""
+    async def _record(self, job: Job, result: JobResult, *, infrastructure: bool) -> None:
+        """Write the outcome, or queue the next attempt; shielded so shutdown cannot lose it."""
+        retry = should_retry(job, result, infrastructure=infrastructure)
 
         async def write() -> None:
             async with self._sessions() as session:
-                written = await store.finish_job(
-                    session=session, job_id=job.id, worker_id=self.worker_id, result=result
-                )
-            if written:
-                logger.info("job %s: %s (exit %s)", job.id, result.state, result.exit_code)
-            else:
+                if retry:
+                    written = await store.retry_job(
+                        session=session,
+                        job=job,
+                        worker_id=self.worker_id,
+                        result=result,
+                        run_after=self._next_run_after(job.attempt),
+                    )
+                else:
+                    written = await store.finish_job(
+                        session=session, job_id=job.id, worker_id=self.worker_id, result=result
+                    )
+            if not written:
                 logger.warning("job %s: result dropped, this worker no longer holds it", job.id)
+            elif retry:
+                logger.info(
+                    "job %s: attempt %d of %d %s (exit %s); retrying",
+                    job.id,
+                    job.attempt,
+                    job.max_attempts,
+                    result.state,
+                    result.exit_code,
+                )
+            else:
+                logger.info("job %s: %s (exit %s)", job.id, result.state, result.exit_code)
 
         await finish_despite_cancel(write())
 
@@ -415,7 +457,7 @@ class WorkerPool:
         await self.reattach_containers(at_start=True)
         while True:
             await self.reattach_containers(at_start=False)
-            await self.fail_lost_jobs()
+            await self.rescue_lost_jobs()
             await self.remove_leftover_containers()
             await asyncio.sleep(interval)
 
@@ -450,11 +492,21 @@ class WorkerPool:
                 await self._slots.acquire()
             self._start_job(job, container_id=container.container_id, holds_slot=holds_slot)
 
-    async def fail_lost_jobs(self) -> None:
+    async def rescue_lost_jobs(self) -> None:
         async with self._sessions() as session:
-            lost = await store.fail_lost_jobs(session=session)
-        for job_id in lost:
-            logger.warning("job %s: %s", job_id, store.LOST_WITH_WORKER)
+            rescued = await store.rescue_lost_jobs(
+                session=session, next_run_after=self._next_run_after
+            )
+        for job_id, state in rescued:
+            logger.warning("job %s: %s; now %s", job_id, store.LOST_WITH_WORKER, state)
+
+    def _next_run_after(self, failed_attempt: int) -> datetime:
+        """Exponential backoff with jitter, so retries of many jobs do not come in waves."""
+        delay = min(
+            self._settings.retry_backoff_max_seconds,
+            self._settings.retry_backoff_seconds * 2 ** (failed_attempt - 1),
+        )
+        return utc_now() + timedelta(seconds=delay * random.uniform(0.5, 1.0))
 
     async def remove_leftover_containers(self) -> None:
         """Remove containers of this database's jobs that no longer run anywhere.

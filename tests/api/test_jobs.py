@@ -240,8 +240,37 @@ BAD_BODIES = [
             "state": "succeeded",
             "id": str(uuid.uuid4()),
             "worker_id": "me",
-            "priority": 100,
+            "attempt": 3,
+            "attempts": [],
         }.items()
+    ),
+    # retries and priority
+    _bad({"image": "busybox", "priority": 101}, ("body", "priority"), "<= 100", "priority-101"),
+    _bad({"image": "busybox", "priority": -101}, ("body", "priority"), ">= -100", "priority--101"),
+    _bad({"image": "busybox", "max_attempts": 0}, ("body", "max_attempts"), ">= 1", "attempts-0"),
+    _bad(
+        {"image": "busybox", "max_attempts": 11},
+        ("body", "max_attempts"),
+        "<= 10",
+        "attempts-11",
+    ),
+    _bad(
+        {"image": "busybox", "retry_on_exit_codes": [0]},
+        ("body", "retry_on_exit_codes"),
+        "1..255",
+        "retry-code-0",
+    ),
+    _bad(
+        {"image": "busybox", "retry_on_exit_codes": [256]},
+        ("body", "retry_on_exit_codes"),
+        "1..255",
+        "retry-code-256",
+    ),
+    _bad(
+        {"image": "busybox", "retry_on_exit_codes": []},
+        ("body", "retry_on_exit_codes"),
+        "must not be empty",
+        "retry-codes-empty",
     ),
 ]
 
@@ -398,6 +427,10 @@ async def test_explicit_nulls_mean_defaults(api: Service) -> None:
         pytest.param({"memory_mb": 6}, id="memory-6"),
         pytest.param({"memory_mb": MAX_MEMORY_MB}, id="memory-at-cap"),
         pytest.param({"timeout_seconds": 1}, id="timeout-1"),
+        pytest.param({"priority": -100}, id="priority--100"),
+        pytest.param({"priority": 100}, id="priority-100"),
+        pytest.param({"max_attempts": 10}, id="attempts-10"),
+        pytest.param({"max_attempts": 2, "retry_on_exit_codes": [1, 255]}, id="retry-codes"),
         pytest.param({"timeout_seconds": MAX_TIMEOUT_SECONDS}, id="timeout-at-cap"),
         pytest.param({"command": ["true"] * 256}, id="command-256-arguments"),
         pytest.param({"command": ["printf", "%s", ""]}, id="command-empty-argument"),

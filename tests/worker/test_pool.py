@@ -19,7 +19,7 @@ from app.errors import EngineError, EngineUnreachable, ImageNotFound
 from app.models import AppliedLimits, Job, JobCreate, JobResult, JobState
 from app.settings import MIB, Settings
 from app.worker import pool as pool_module
-from app.worker.pool import WorkerPool, result_of
+from app.worker.pool import WorkerPool, result_of, should_retry
 from app.worker.runner import ContainerRun, JobSpec, LabelledContainer, OnCreated, StopReason
 
 DEADLINE = 30.0
@@ -583,7 +583,7 @@ async def claim(session_factory: SessionFactory, worker_id: str, lease_seconds: 
     return job
 
 
-async def test_fail_lost_jobs_ends_a_running_job_whose_lease_expired(
+async def test_rescue_lost_jobs_ends_a_running_job_whose_lease_expired(
     settings: Settings, session_factory: SessionFactory
 ) -> None:
     lost = await submit(session_factory, settings)
@@ -593,7 +593,7 @@ async def test_fail_lost_jobs_ends_a_running_job_whose_lease_expired(
     queued = await submit(session_factory, settings)
 
     pool = make_pool(session_factory, FakeRunner(), settings)
-    await pool.fail_lost_jobs()
+    await pool.rescue_lost_jobs()
 
     lost_job = await get(session_factory, lost.id)
     assert lost_job.state is JobState.failed
@@ -696,12 +696,11 @@ async def test_later_a_pool_takes_over_only_jobs_whose_lease_expired(
 async def test_a_job_that_cannot_reach_the_engine_waits_in_the_queue(
     settings: Settings, session_factory: SessionFactory
 ) -> None:
-    outages = 1
+    class EngineThatGoesDown(FakeRunner):
+        """Like a real engine: while it is down, every run fails before any container."""
 
-    async def engine_down_once(spec: JobSpec, cancel: asyncio.Event) -> ContainerRun:
-        return container_run(stdout="ran\n")
+        tries = 0
 
-    class DownBeforeCreate(FakeRunner):
         async def run(
             self,
             spec: JobSpec,
@@ -710,23 +709,110 @@ async def test_a_job_that_cannot_reach_the_engine_waits_in_the_queue(
             detach: asyncio.Event,
             on_created: OnCreated,
         ) -> ContainerRun:
-            nonlocal outages
-            if outages:
-                outages -= 1
-                self.engine_up = False
+            self.tries += 1
+            if not self.engine_up:
                 raise EngineUnreachable("Docker engine unreachable: connection refused")
             return await super().run(spec, cancel=cancel, detach=detach, on_created=on_created)
 
-    runner = DownBeforeCreate(engine_down_once)
+    runner = EngineThatGoesDown(finish_at_once)
+    runner.engine_up = False
     job = await submit(session_factory, settings)
     async with running(make_pool(session_factory, runner, settings)) as pool:
-        await wait_until(lambda: outages == 0, "the first try met the outage")
+        await wait_until(lambda: runner.tries >= 1, "a first try that meets the outage")
         requeued = await wait_for_state(session_factory, job.id, {JobState.queued})
         assert (requeued.attempt, requeued.worker_id, requeued.error) == (0, None, None)
-        # While the engine does not answer, the pool claims nothing.
+        # While the engine does not answer, the pool stops trying (a claim already under
+        # way when the engine went down may still make one more try, and give it back).
+        tries = runner.tries
         pool.wake()
-        await asyncio.sleep(settings.poll_interval_seconds * 3)
-        assert (await get(session_factory, job.id)).state is JobState.queued
+        await asyncio.sleep(settings.poll_interval_seconds * 5)
+        assert runner.tries <= tries + 1
+        assert (await get(session_factory, job.id)).state in (JobState.queued, JobState.running)
         runner.engine_up = True
         done = await wait_for_state(session_factory, job.id)
-    assert (done.state, done.attempt, done.stdout) == (JobState.succeeded, 1, "ran\n")
+    assert (done.state, done.attempt) == (JobState.succeeded, 1)
+    assert done.stdout == f"ran {job.id}\n"
+
+
+@pytest.mark.parametrize(
+    ("attempt", "max_attempts", "codes", "result", "infrastructure", "expected"),
+    [
+        pytest.param(
+            1,
+            3,
+            None,
+            JobResult(state=JobState.failed, exit_code=3),
+            False,
+            True,
+            id="any-non-zero",
+        ),
+        pytest.param(
+            3,
+            3,
+            None,
+            JobResult(state=JobState.failed, exit_code=3),
+            False,
+            False,
+            id="attempts-used",
+        ),
+        pytest.param(
+            1,
+            3,
+            [75],
+            JobResult(state=JobState.failed, exit_code=3),
+            False,
+            False,
+            id="code-not-listed",
+        ),
+        pytest.param(
+            1, 3, [3], JobResult(state=JobState.failed, exit_code=3), False, True, id="code-listed"
+        ),
+        pytest.param(
+            1,
+            3,
+            [75],
+            JobResult(state=JobState.failed, error="engine"),
+            True,
+            True,
+            id="engine-failure",
+        ),
+        pytest.param(
+            1,
+            3,
+            None,
+            JobResult(state=JobState.failed, error="no image"),
+            False,
+            False,
+            id="image-missing",
+        ),
+        pytest.param(1, 3, None, JobResult(state=JobState.timed_out), False, False, id="timed-out"),
+        pytest.param(1, 3, None, JobResult(state=JobState.cancelled), False, False, id="cancelled"),
+        pytest.param(
+            1,
+            3,
+            None,
+            JobResult(state=JobState.succeeded, exit_code=0),
+            False,
+            False,
+            id="succeeded",
+        ),
+    ],
+)
+def test_should_retry(
+    attempt: int,
+    max_attempts: int,
+    codes: list[int] | None,
+    result: JobResult,
+    infrastructure: bool,
+    expected: bool,
+) -> None:
+    job = Job(
+        image="busybox",
+        cpu_shares=1024,
+        memory_mb=64,
+        timeout_seconds=30,
+        attempt=attempt,
+        max_attempts=max_attempts,
+        retry_on_exit_codes=codes,
+    )
+    assert should_retry(job, result, infrastructure=infrastructure) is expected
