@@ -121,12 +121,16 @@ class _DockerClient(aiodocker.Docker):
         await self.connector.close()
 
 
+def engine_url(settings: Settings) -> str:
+    return settings.docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
 def create_docker_client(settings: Settings) -> aiodocker.Docker:
     """One client for the whole process, its connection pool sized for the workers.
 
     Each running job holds three long requests (wait and two log streams).
     """
-    url = settings.docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    url = engine_url(settings)
     timeout = aiohttp.ClientTimeout(total=None, connect=10.0)
     if url.startswith("unix://"):
         connector = aiohttp.UnixConnector(
@@ -169,6 +173,21 @@ class ContainerRunner:
         """
         with self._engine_errors():
             return await self._run(spec, cancel=cancel, detach=detach, on_created=on_created)
+
+    async def _engine_accepts_connections(self) -> bool:
+        """Whether a new connection to a local engine's socket is accepted."""
+        url = engine_url(self._settings)
+        if not url.startswith("unix://"):
+            return True
+        try:
+            async with asyncio.timeout(5):
+                _, writer = await asyncio.open_unix_connection(url.removeprefix("unix://"))
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
 
     async def engine_answers(self) -> bool:
         try:
@@ -267,6 +286,18 @@ class ContainerRunner:
                 for stream, task in zip(STREAMS, outputs, strict=True)
             ]
             exit_code = status.get("StatusCode", state.get("ExitCode"))
+            if (
+                stop_reason is StopReason.exited
+                and (exit_code or 0) >= 128
+                and not await self._engine_accepts_connections()
+            ):
+                # A stopping engine shuts its socket first, then signals the containers,
+                # while connections already open still answer: the job did not fail by
+                # itself, so say so.
+                raise EngineUnreachable(
+                    "Docker engine unreachable: it shut down while the job ran and stopped "
+                    f"its container (exit code {exit_code})"
+                )
             return ContainerRun(
                 stop_reason=stop_reason,
                 exit_code=None if stop_reason is not StopReason.exited else exit_code,
