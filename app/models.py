@@ -297,3 +297,12 @@ class JobResult(BaseModel):
     stderr: str = ""
     output_truncated: bool = False
     error: str | None = None
+
+
+# The one row that names this database: containers carry its id, so a worker knows which
+# containers on a shared engine belong to its installation.
+class Instance(SQLModel, table=True):
+    __tablename__ = "jobdock_instance"
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    created_at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime)

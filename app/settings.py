@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=30.0, gt=0)
     heartbeat_interval_seconds: float = Field(default=5.0, gt=0)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    # A labelled container of a job this database does not know is removed only this old,
+    # so a container being created right now is never reaped.
+    leftover_grace_seconds: float = Field(default=60.0, ge=0)
 
     # A failed attempt is retried after base * 2**(attempt-1) seconds, capped, with jitter.
     retry_backoff_seconds: float = Field(default=2.0, ge=0)

@@ -18,6 +18,7 @@ from app.errors import InvalidCursor, JobAlreadyFinished, JobNotFound
 from app.models import (
     AppliedLimits,
     AttemptRecord,
+    Instance,
     Job,
     JobCreate,
     JobResult,
@@ -401,6 +402,19 @@ async def rescue_lost_jobs(
             rescued.append((job.id, state))
         await session.commit()
     return rescued
+
+
+async def get_instance_id(*, session: AsyncSession) -> uuid.UUID:
+    """The id of this installation's database (created by migration 0003)."""
+    instance_id = (
+        await session.execute(select(col(Instance.id)).order_by(col(Instance.created_at)).limit(1))
+    ).scalar_one_or_none()
+    if instance_id is None:
+        instance = Instance()
+        session.add(instance)
+        await session.commit()
+        return instance.id
+    return instance_id
 
 
 async def get_states(

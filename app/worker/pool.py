@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -157,11 +158,14 @@ class WorkerPool:
         settings: Settings,
         worker_id: str | None = None,
         concurrency: int | None = None,
+        instance_id: str = "",
     ) -> None:
         self._sessions = session_factory
         self._runner = runner
         self._settings = settings
         self.worker_id = worker_id or settings.worker_id
+        # This database's id, as labelled on the containers its workers create.
+        self.instance_id = instance_id
         self.concurrency = concurrency if concurrency is not None else settings.workers
         self._slots = asyncio.Semaphore(self.concurrency)
         self._wakeup = asyncio.Event()
@@ -511,8 +515,9 @@ class WorkerPool:
     async def remove_leftover_containers(self) -> None:
         """Remove containers of this database's jobs that no longer run anywhere.
 
-        Containers whose job this database does not know belong to someone else and
-        are left alone.
+        That is: containers of finished or queued jobs, and containers labelled with this
+        database's instance id whose job it no longer knows, once older than the grace.
+        Containers of other installations sharing the engine are left alone.
         """
         try:
             containers = await self._runner.list_job_containers()
@@ -522,9 +527,16 @@ class WorkerPool:
         candidates = [c for c in containers if c.job_id not in self._running]
         async with self._sessions() as session:
             states = await store.get_states(session=session, job_ids=[c.job_id for c in candidates])
+        now = time.time()
         for container in candidates:
             state = states.get(container.job_id)
-            if state is None or state is JobState.running:
+            if state is JobState.running:
+                continue
+            if state is None and not (
+                self.instance_id
+                and container.instance == self.instance_id
+                and now - container.created > self._settings.leftover_grace_seconds
+            ):
                 continue
             logger.info("removing leftover container of job %s", container.job_id)
             await self._runner.remove_container(container.container_id)

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 LABEL_JOB_ID = "jobdock.job-id"
 LABEL_ATTEMPT = "jobdock.attempt"
 LABEL_WORKER = "jobdock.worker"
+LABEL_INSTANCE = "jobdock.instance"
 
 # aiodocker's status for "could not connect to the engine at all".
 CANNOT_CONNECT = 900
@@ -80,6 +81,10 @@ class LabelledContainer:
     job_id: uuid.UUID
     attempt: int
     worker_id: str
+    # The Jobdock database (installation) whose job this is; "" on unlabelled containers.
+    instance: str = ""
+    # When the engine created it, in seconds since the epoch (not part of its identity).
+    created: float = field(default=0.0, compare=False)
 
 
 @dataclass
@@ -153,10 +158,17 @@ async def finish_despite_cancel(coro: Coroutine[Any, Any, T]) -> T:
 class ContainerRunner:
     """Drives jobs through one Docker engine."""
 
-    def __init__(self, docker: aiodocker.Docker, settings: Settings, worker_id: str) -> None:
+    def __init__(
+        self,
+        docker: aiodocker.Docker,
+        settings: Settings,
+        worker_id: str,
+        instance_id: str = "",
+    ) -> None:
         self._docker = docker
         self._settings = settings
         self._worker_id = worker_id
+        self._instance_id = instance_id
 
     async def run(
         self,
@@ -373,6 +385,7 @@ class ContainerRunner:
                 LABEL_JOB_ID: str(spec.job_id),
                 LABEL_ATTEMPT: str(spec.attempt),
                 LABEL_WORKER: self._worker_id,
+                LABEL_INSTANCE: self._instance_id,
             },
             "Tty": False,
             "OpenStdin": False,
@@ -522,6 +535,8 @@ class ContainerRunner:
                         job_id=uuid.UUID(labels[LABEL_JOB_ID]),
                         attempt=int(labels.get(LABEL_ATTEMPT, "0")),
                         worker_id=labels.get(LABEL_WORKER, ""),
+                        instance=labels.get(LABEL_INSTANCE, ""),
+                        created=float(container["Created"]),
                     )
                 )
             except (KeyError, ValueError):

@@ -5,6 +5,7 @@ import logging
 import signal
 from contextlib import AsyncExitStack
 
+from app import store
 from app.db import SessionFactory, create_engine, create_session_factory, upgrade_to_head
 from app.settings import Settings
 from app.worker.pool import WorkerPool
@@ -17,12 +18,15 @@ async def start_pool(
     stack: AsyncExitStack, settings: Settings, session_factory: SessionFactory
 ) -> WorkerPool:
     """Start a pool on the configured engine; the stack stops it, then closes the client."""
+    async with session_factory() as session:
+        instance_id = str(await store.get_instance_id(session=session))
     docker = create_docker_client(settings)
     stack.push_async_callback(docker.close)
     pool = WorkerPool(
         session_factory=session_factory,
-        runner=ContainerRunner(docker, settings, settings.worker_id),
+        runner=ContainerRunner(docker, settings, settings.worker_id, instance_id),
         settings=settings,
+        instance_id=instance_id,
     )
     await pool.start()
     stack.push_async_callback(pool.stop)

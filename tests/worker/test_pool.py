@@ -5,6 +5,7 @@ are on counts, states and the order in which things happened.
 """
 
 import asyncio
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -816,3 +817,28 @@ def test_should_retry(
         retry_on_exit_codes=codes,
     )
     assert should_retry(job, result, infrastructure=infrastructure) is expected
+
+
+async def test_leftover_containers_of_unknown_jobs_are_removed_only_if_ours_and_old(
+    settings: Settings, session_factory: SessionFactory
+) -> None:
+    long_ago = time.time() - settings.leftover_grace_seconds - 60
+    runner = FakeRunner()
+    runner.containers = [
+        LabelledContainer("c-ours-old", uuid.uuid4(), 1, "w", instance="inst-a", created=long_ago),
+        LabelledContainer(
+            "c-ours-new", uuid.uuid4(), 1, "w", instance="inst-a", created=time.time()
+        ),
+        LabelledContainer("c-theirs", uuid.uuid4(), 1, "w", instance="inst-b", created=long_ago),
+        LabelledContainer("c-unlabelled", uuid.uuid4(), 1, "w", created=long_ago),
+    ]
+    pool = WorkerPool(
+        session_factory=session_factory,
+        runner=runner,
+        settings=settings,
+        worker_id="pool-a",
+        concurrency=1,
+        instance_id="inst-a",
+    )
+    await pool.remove_leftover_containers()
+    assert runner.removed == ["c-ours-old"]
