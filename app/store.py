@@ -169,6 +169,21 @@ async def claim_next_job(
     return job
 
 
+async def _write_while_held(
+    session: AsyncSession, job_id: uuid.UUID, worker_id: str, values: dict[str, Any]
+) -> bool:
+    """Update a running job only while this worker's claim on it holds; commit."""
+    written = await session.execute(
+        update(Job)
+        .where(*_held_by(job_id, worker_id))  # type: ignore[arg-type]
+        .values(**values)
+        .returning(col(Job.id))
+    )
+    held = written.scalar_one_or_none() is not None
+    await session.commit()
+    return held
+
+
 def _held_by(job_id: uuid.UUID, worker_id: str) -> list[object]:
     return [
         col(Job.id) == job_id,
@@ -185,31 +200,25 @@ async def record_container(
     container_id: str,
     limits: AppliedLimits,
 ) -> None:
-    await session.execute(
-        update(Job)
-        .where(*_held_by(job_id, worker_id))  # type: ignore[arg-type]
-        .values(container_id=container_id, limits=limits.model_dump())
+    await _write_while_held(
+        session, job_id, worker_id, {"container_id": container_id, "limits": limits.model_dump()}
     )
-    await session.commit()
 
 
 async def release_job(*, session: AsyncSession, job_id: uuid.UUID, worker_id: str) -> bool:
     """Undo a claim whose job never started: back to the queue, the attempt not counted."""
-    released = await session.execute(
-        update(Job)
-        .where(*_held_by(job_id, worker_id))  # type: ignore[arg-type]
-        .values(
-            state=JobState.queued,
-            worker_id=None,
-            lease_expires_at=None,
-            started_at=None,
-            attempt=col(Job.attempt) - 1,
-        )
-        .returning(col(Job.id))
+    return await _write_while_held(
+        session,
+        job_id,
+        worker_id,
+        {
+            "state": JobState.queued,
+            "worker_id": None,
+            "lease_expires_at": None,
+            "started_at": None,
+            "attempt": col(Job.attempt) - 1,
+        },
     )
-    done = released.scalar_one_or_none() is not None
-    await session.commit()
-    return done
 
 
 async def renew_leases(
@@ -239,24 +248,21 @@ async def finish_job(
     """Write a terminal state, only while this worker's claim holds. False if it did not."""
     if not result.state.is_terminal:
         raise ValueError(f"{result.state} is not a terminal state")
-    written = await session.execute(
-        update(Job)
-        .where(*_held_by(job_id, worker_id))  # type: ignore[arg-type]
-        .values(
-            state=result.state,
-            exit_code=result.exit_code,
-            stdout=result.stdout,
-            stderr=result.stderr,
-            output_truncated=result.output_truncated,
-            error=result.error,
-            finished_at=utc_now(),
-            lease_expires_at=None,
-        )
-        .returning(col(Job.id))
+    return await _write_while_held(
+        session,
+        job_id,
+        worker_id,
+        {
+            "state": result.state,
+            "exit_code": result.exit_code,
+            "stdout": result.stdout,
+            "stderr": result.stderr,
+            "output_truncated": result.output_truncated,
+            "error": result.error,
+            "finished_at": utc_now(),
+            "lease_expires_at": None,
+        },
     )
-    finished = written.scalar_one_or_none() is not None
-    await session.commit()
-    return finished
 
 
 async def take_over_job(
@@ -331,15 +337,7 @@ async def retry_job(
         finished_at=utc_now(),
     )
     attempts = [*(job.attempts or []), record.model_dump(mode="json")]
-    written = await session.execute(
-        update(Job)
-        .where(*_held_by(job.id, worker_id))  # type: ignore[arg-type]
-        .values(**_requeued(run_after, attempts))
-        .returning(col(Job.id))
-    )
-    retried = written.scalar_one_or_none() is not None
-    await session.commit()
-    return retried
+    return await _write_while_held(session, job.id, worker_id, _requeued(run_after, attempts))
 
 
 async def rescue_lost_jobs(
