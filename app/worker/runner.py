@@ -238,7 +238,7 @@ class ContainerRunner:
         container = await self._create(spec)
 
         async def start() -> AppliedLimits:
-            limits = await self._applied_limits(container, spec)
+            limits = self._applied_limits(await self._call(container.show()), spec)
             await on_created(container.id, limits)
             await self._call(container.start())
             return limits
@@ -262,11 +262,11 @@ class ContainerRunner:
         container = self._docker.containers.container(container_id)
 
         async def start() -> AppliedLimits:
-            limits = await self._applied_limits(container, spec)
-            if (await self._call(container.show()))["State"]["Status"] == "created":
+            info = await self._call(container.show())
+            if info["State"]["Status"] == "created":
                 # The earlier worker stopped between create and start.
                 await self._call(container.start())
-            return limits
+            return self._applied_limits(info, spec)
 
         remaining = max(0.0, spec.timeout_seconds - running_for)
         with self._engine_errors():
@@ -431,8 +431,9 @@ class ContainerRunner:
         await self.remove_container(name)
         return await self._call(self._docker.containers.create(config, name=name))
 
-    async def _applied_limits(self, container: DockerContainer, spec: JobSpec) -> AppliedLimits:
-        host = (await self._call(container.show()))["HostConfig"]
+    def _applied_limits(self, info: dict[str, Any], spec: JobSpec) -> AppliedLimits:
+        """The limits the engine applied, read from the container's inspect."""
+        host = info["HostConfig"]
         return AppliedLimits(
             cpu_shares=host["CpuShares"],
             memory_bytes=host["Memory"],
