@@ -458,24 +458,36 @@ class WorkerPool:
 
     async def _maintenance_loop(self) -> None:
         interval = min(self._settings.lease_seconds, 15.0)
-        await self.reattach_containers(at_start=True)
+        at_start = True
         while True:
-            await self.reattach_containers(at_start=False)
+            # One listing of the engine serves both passes of this round.
+            containers = await self._list_job_containers()
+            if containers is not None:
+                await self.reattach_containers(at_start=at_start, containers=containers)
+            at_start = False
             await self.rescue_lost_jobs()
-            await self.remove_leftover_containers()
+            if containers is not None:
+                await self.remove_leftover_containers(containers=containers)
             await asyncio.sleep(interval)
 
-    async def reattach_containers(self, *, at_start: bool) -> None:
+    async def _list_job_containers(self) -> list[LabelledContainer] | None:
+        """This engine's labelled containers, or None (logged) if the engine cannot say."""
+        try:
+            return await self._runner.list_job_containers()
+        except EngineError as exc:
+            logger.warning("cannot list job containers: %s", exc.message)
+            return None
+
+    async def reattach_containers(
+        self, *, at_start: bool, containers: list[LabelledContainer] | None = None
+    ) -> None:
         """See to their end the jobs whose containers run on this engine with no worker.
 
         At start every running job's container on this engine is taken over: one worker
         serves one engine, so they are an earlier run's of this worker. Later, only those
-        whose lease expired are.
+        whose lease expired are. `containers` is the engine's listing, if already made.
         """
-        try:
-            containers = await self._runner.list_job_containers()
-        except EngineError as exc:
-            logger.warning("cannot list job containers: %s", exc.message)
+        if containers is None and (containers := await self._list_job_containers()) is None:
             return
         for container in containers:
             if container.job_id in self._running or self._stopping:
@@ -512,17 +524,17 @@ class WorkerPool:
         )
         return utc_now() + timedelta(seconds=delay * random.uniform(0.5, 1.0))
 
-    async def remove_leftover_containers(self) -> None:
+    async def remove_leftover_containers(
+        self, *, containers: list[LabelledContainer] | None = None
+    ) -> None:
         """Remove containers of this database's jobs that no longer run anywhere.
 
         That is: containers of finished or queued jobs, and containers labelled with this
         database's instance id whose job it no longer knows, once older than the grace.
-        Containers of other installations sharing the engine are left alone.
+        Containers of other installations sharing the engine are left alone. `containers`
+        is the engine's listing, if already made.
         """
-        try:
-            containers = await self._runner.list_job_containers()
-        except EngineError as exc:
-            logger.warning("cannot list job containers: %s", exc.message)
+        if containers is None and (containers := await self._list_job_containers()) is None:
             return
         candidates = [c for c in containers if c.job_id not in self._running]
         async with self._sessions() as session:
