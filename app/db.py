@@ -3,10 +3,10 @@
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -64,18 +64,24 @@ def alembic_config(database_url: str) -> "Config":
     return config
 
 
-async def upgrade_to_head(engine: AsyncEngine) -> None:
-    """Bring the schema to the newest migration, on the service's own engine."""
+async def migrate(engine: AsyncEngine, direction: Literal["upgrade", "downgrade"], to: str) -> None:
+    """`alembic upgrade|downgrade REVISION`, on this engine's own connection."""
     from alembic import command
 
     config = alembic_config(engine.url.render_as_string(hide_password=False))
+    step = command.upgrade if direction == "upgrade" else command.downgrade
 
-    def upgrade(connection: Any) -> None:
+    def run(connection: Any) -> None:
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        step(config, to)
 
     async with engine.begin() as connection:
-        await connection.run_sync(upgrade)
+        await connection.run_sync(run)
+
+
+async def upgrade_to_head(engine: AsyncEngine) -> None:
+    """Bring the schema to the newest migration, on the service's own engine."""
+    await migrate(engine, "upgrade", "head")
 
 
 # The PostgreSQL channel on which a submission wakes idle workers in other processes.
@@ -86,6 +92,11 @@ def is_postgresql(database_url: str) -> bool:
     return make_url(database_url).get_backend_name() == "postgresql"
 
 
+def asyncpg_dsn(database_url: str | URL) -> str:
+    """A SQLAlchemy PostgreSQL URL as the plain DSN asyncpg.connect takes."""
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 async def listen_for_submissions(database_url: str, on_submission: Callable[[], None]) -> None:
     """Call `on_submission` on every NOTIFY of a new job, until cancelled or disconnected.
 
@@ -93,8 +104,7 @@ async def listen_for_submissions(database_url: str, on_submission: Callable[[], 
     """
     import asyncpg
 
-    dsn = make_url(database_url).set(drivername="postgresql")
-    connection = await asyncpg.connect(dsn.render_as_string(hide_password=False))  # type: ignore[no-untyped-call]
+    connection = await asyncpg.connect(asyncpg_dsn(database_url))  # type: ignore[no-untyped-call]
     lost = asyncio.Event()
     try:
         connection.add_termination_listener(lambda _: lost.set())

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -19,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import SQLModel
 
 import app.models  # noqa: F401  (puts the jobs table on SQLModel.metadata)
-from app.db import alembic_config, create_engine, upgrade_to_head
+from app.db import alembic_config, create_engine, migrate, upgrade_to_head
 from tests.support.databases import database_url_for
 
 
@@ -57,18 +56,6 @@ def table_names(connection: Connection) -> set[str]:
     return set(inspect(connection).get_table_names())
 
 
-async def run_alembic(engine: AsyncEngine, action: str, revision: str) -> None:
-    """`alembic upgrade|downgrade REVISION` on this engine, as app.db.upgrade_to_head does."""
-    config = alembic_config(engine.url.render_as_string(hide_password=False))
-
-    def migrate(connection: Connection) -> None:
-        config.attributes["connection"] = connection
-        getattr(command, action)(config, revision)
-
-    async with engine.begin() as connection:
-        await connection.run_sync(migrate)
-
-
 async def test_upgrade_head_matches_the_models(engine: AsyncEngine) -> None:
     await upgrade_to_head(engine)
     async with engine.connect() as connection:
@@ -92,12 +79,12 @@ async def test_drift_is_detected(engine: AsyncEngine) -> None:
 async def test_downgrade_to_base_then_upgrade_again(engine: AsyncEngine) -> None:
     await upgrade_to_head(engine)
 
-    await run_alembic(engine, "downgrade", "base")
+    await migrate(engine, "downgrade", "base")
     async with engine.connect() as connection:
         assert await connection.run_sync(current_revision) is None
         assert "jobs" not in await connection.run_sync(table_names)
 
-    await run_alembic(engine, "upgrade", "head")
+    await migrate(engine, "upgrade", "head")
     async with engine.connect() as connection:
         assert await connection.run_sync(schema_drift) == []
         assert await connection.run_sync(current_revision) == head_revision(str(engine.url))

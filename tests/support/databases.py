@@ -12,6 +12,8 @@ from pathlib import Path
 import asyncpg
 from sqlalchemy.engine import URL, make_url
 
+from app.db import asyncpg_dsn
+
 SERVER_URL_VARIABLE = "JOBDOCK_TEST_DATABASE_URL"
 PREFIX = "jobdock_test_"
 
@@ -23,13 +25,9 @@ def server_url() -> URL | None:
     return make_url(raw) if raw else None
 
 
-def _dsn(url: URL) -> str:
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 async def _execute(server: URL, *statements: str) -> None:
     """Run statements on the server's maintenance database (outside any transaction)."""
-    connection = await asyncpg.connect(_dsn(server))  # type: ignore[no-untyped-call]
+    connection = await asyncpg.connect(asyncpg_dsn(server))  # type: ignore[no-untyped-call]
     try:
         for statement in statements:
             await connection.execute(statement)
