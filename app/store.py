@@ -106,31 +106,37 @@ async def list_jobs(
     return jobs, None
 
 
-async def cancel_job(*, session: AsyncSession, job_id: uuid.UUID) -> Job:
-    """Cancel a queued job at once, or ask the worker of a running job to kill it."""
-    now = utc_now()
-    cancelled = await session.execute(
+async def _update_job(
+    session: AsyncSession, conditions: Sequence[Any], **values: Any
+) -> Job | None:
+    """One UPDATE of the job that matches `conditions`; the job as it is now, or None."""
+    result = await session.execute(
         update(Job)
-        .where(col(Job.id) == job_id, col(Job.state) == JobState.queued)
-        .values(
-            state=JobState.cancelled,
-            cancel_requested=True,
-            error="cancelled before it started",
-            finished_at=now,
-        )
+        .where(*conditions)
+        .values(**values)
         .returning(Job)
         .execution_options(populate_existing=True)
     )
-    job = cancelled.scalar_one_or_none()
+    return result.scalar_one_or_none()
+
+
+async def cancel_job(*, session: AsyncSession, job_id: uuid.UUID) -> Job:
+    """Cancel a queued job at once, or ask the worker of a running job to kill it."""
+    now = utc_now()
+    job = await _update_job(
+        session,
+        [col(Job.id) == job_id, col(Job.state) == JobState.queued],
+        state=JobState.cancelled,
+        cancel_requested=True,
+        error="cancelled before it started",
+        finished_at=now,
+    )
     if job is None:
-        requested = await session.execute(
-            update(Job)
-            .where(col(Job.id) == job_id, col(Job.state) == JobState.running)
-            .values(cancel_requested=True)
-            .returning(Job)
-            .execution_options(populate_existing=True)
+        job = await _update_job(
+            session,
+            [col(Job.id) == job_id, col(Job.state) == JobState.running],
+            cancel_requested=True,
         )
-        job = requested.scalar_one_or_none()
     await session.commit()
     if job is not None:
         return job
@@ -151,20 +157,15 @@ async def claim_next_job(
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
-    result = await session.execute(
-        update(Job)
-        .where(col(Job.id) == best, col(Job.state) == JobState.queued)
-        .values(
-            state=JobState.running,
-            worker_id=worker_id,
-            attempt=col(Job.attempt) + 1,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            started_at=now,
-        )
-        .returning(Job)
-        .execution_options(populate_existing=True)
+    job = await _update_job(
+        session,
+        [col(Job.id) == best, col(Job.state) == JobState.queued],
+        state=JobState.running,
+        worker_id=worker_id,
+        attempt=col(Job.attempt) + 1,
+        lease_expires_at=now + timedelta(seconds=lease_seconds),
+        started_at=now,
     )
-    job = result.scalar_one_or_none()
     await session.commit()
     return job
 
@@ -287,14 +288,12 @@ async def take_over_job(
     ]
     if only_if_lease_expired:
         conditions.append(col(Job.lease_expires_at) < now)
-    result = await session.execute(
-        update(Job)
-        .where(*conditions)
-        .values(worker_id=worker_id, lease_expires_at=now + timedelta(seconds=lease_seconds))
-        .returning(Job)
-        .execution_options(populate_existing=True)
+    job = await _update_job(
+        session,
+        conditions,
+        worker_id=worker_id,
+        lease_expires_at=now + timedelta(seconds=lease_seconds),
     )
-    job = result.scalar_one_or_none()
     await session.commit()
     return job
 
