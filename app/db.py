@@ -86,6 +86,9 @@ async def upgrade_to_head(engine: AsyncEngine) -> None:
 
 # The PostgreSQL channel on which a submission wakes idle workers in other processes.
 SUBMISSIONS_CHANNEL = "jobdock_submissions"
+# The channel on which a change of a job (its state, new output) wakes waiting callers;
+# the payload is the job's id.
+JOB_EVENTS_CHANNEL = "jobdock_job_events"
 
 
 def is_postgresql(database_url: str) -> bool:
@@ -97,10 +100,14 @@ def asyncpg_dsn(database_url: str | URL) -> str:
     return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-async def listen_for_submissions(database_url: str, on_submission: Callable[[], None]) -> None:
-    """Call `on_submission` on every NOTIFY of a new job, until cancelled or disconnected.
+async def listen(
+    database_url: str, channels: dict[str, Callable[[str], None]], on_connected: Callable[[], None]
+) -> None:
+    """Call each channel's callback with the payload of every NOTIFY on it, until cancelled
+    or disconnected; `on_connected` runs once the LISTENs are in place, so a caller can catch
+    up on what it may have missed while not listening.
 
-    PostgreSQL only: a dedicated asyncpg connection, outside the pool, holds the LISTEN.
+    PostgreSQL only: a dedicated asyncpg connection, outside the pool, holds the LISTENs.
     """
     import asyncpg
 
@@ -108,10 +115,20 @@ async def listen_for_submissions(database_url: str, on_submission: Callable[[], 
     lost = asyncio.Event()
     try:
         connection.add_termination_listener(lambda _: lost.set())
-        await connection.add_listener(SUBMISSIONS_CHANNEL, lambda *_: on_submission())
-        # Anything submitted while we were not listening is found by the next claim.
-        on_submission()
+        for channel, callback in channels.items():
+
+            def relay(*args: Any, callback: Callable[[str], None] = callback) -> None:
+                # asyncpg calls (connection, pid, channel, payload).
+                callback(str(args[3]))
+
+            await connection.add_listener(channel, relay)
+        on_connected()
         await lost.wait()
         raise ConnectionError("the PostgreSQL connection for LISTEN was lost")
     finally:
         await connection.close()
+
+
+async def listen_for_submissions(database_url: str, on_submission: Callable[[], None]) -> None:
+    """Call `on_submission` on every NOTIFY of a new job (and once listening)."""
+    await listen(database_url, {SUBMISSIONS_CHANNEL: lambda _: on_submission()}, on_submission)

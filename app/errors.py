@@ -38,3 +38,19 @@ class ContainerGone(EngineError):
 
 class ImageNotFound(EngineError):
     """The image is not on the engine and cannot be pulled."""
+
+
+class JobStillActive(JobdockError):
+    """The job is still queued or running."""
+
+
+class QueueFull(JobdockError):
+    """Too many jobs are queued; try again later."""
+
+    def __init__(self, message: str, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class IdempotencyKeyReused(JobdockError):
+    """The Idempotency-Key was already used with a different request."""

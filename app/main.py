@@ -1,5 +1,6 @@
 """The application: create_app() and its lifespan (database, Docker client, worker pool)."""
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -9,11 +10,46 @@ from fastapi import FastAPI
 from app import __version__
 from app.api import health, jobs
 from app.api.errors import install_error_handlers
-from app.db import create_engine, create_session_factory, upgrade_to_head
+from app.db import (
+    JOB_EVENTS_CHANNEL,
+    create_engine,
+    create_session_factory,
+    is_postgresql,
+    listen,
+    upgrade_to_head,
+)
+from app.events import JobEvents
 from app.settings import Settings, get_settings
 from app.worker.service import start_pool
 
 logger = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def _relay_job_events(settings: Settings, events: JobEvents) -> AsyncIterator[None]:
+    """On PostgreSQL, wake this process's waiters on changes made by other processes."""
+
+    async def relay() -> None:
+        while True:
+            try:
+                await listen(
+                    settings.database_url,
+                    {JOB_EVENTS_CHANNEL: events.on_notification},
+                    events.notify_all,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("listening for job events failed (%r); retrying", exc)
+                # Waiters fall back to re-reading the database meanwhile.
+                await asyncio.sleep(1.0)
+
+    task = asyncio.create_task(relay(), name="jobdock-job-events")
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def create_app(settings: Settings | None = None, *, run_workers: bool = True) -> FastAPI:
@@ -26,11 +62,15 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True) ->
             stack.push_async_callback(engine.dispose)
             await upgrade_to_head(engine)
             session_factory = create_session_factory(engine)
+            events = JobEvents()
             app.state.settings = settings
             app.state.session_factory = session_factory
+            app.state.events = events
             app.state.pool = None
+            if is_postgresql(settings.database_url):
+                await stack.enter_async_context(_relay_job_events(settings, events))
             if run_workers and settings.workers > 0:
-                app.state.pool = await start_pool(stack, settings, session_factory)
+                app.state.pool = await start_pool(stack, settings, session_factory, events)
             logger.info("jobdock %s ready (database %s)", __version__, engine.url)
             yield
 

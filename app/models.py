@@ -7,7 +7,7 @@ from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, HttpUrl, field_validator
 from sqlmodel import Field, SQLModel
 
 IMAGE_MAX_LENGTH = 255
@@ -29,6 +29,12 @@ IMAGE_REFERENCE = re.compile(
 )
 # \Z, not $: "$" also matches before a trailing newline.
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+# Label keys as in Kubernetes: no ":" (GET /jobs?label=key:value splits on the first one).
+LABEL_KEY = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?\Z")
+LABELS_MAX = 32
+LABEL_VALUE_MAX_LENGTH = 255
+CALLBACK_URL_MAX_LENGTH = 2048
+BATCH_MAX_JOBS = 100
 
 
 def utc_now() -> datetime:
@@ -72,6 +78,14 @@ class JobState(StrEnum):
 TERMINAL_STATES = tuple(s for s in JobState if s.is_terminal)
 
 
+class CallbackState(StrEnum):
+    """Where a job's webhook is: due, delivered, or given up after its attempts."""
+
+    pending = "pending"
+    delivered = "delivered"
+    failed = "failed"
+
+
 # What a job asks to run; shared by the submission, the table and the response.
 class JobBase(SQLModel):
     image: str = Field(max_length=IMAGE_MAX_LENGTH)
@@ -84,6 +98,10 @@ class JobBase(SQLModel):
     priority: int = Field(default=0, ge=-100, le=100)
     max_attempts: int = Field(default=1, ge=1, le=10, sa_column_kwargs={"server_default": "1"})
     retry_on_exit_codes: list[int] | None = Field(default=None, sa_type=sa.JSON)
+    labels: dict[str, str] = Field(
+        default_factory=dict, sa_type=sa.JSON, sa_column_kwargs={"server_default": "{}"}
+    )
+    callback_url: str | None = Field(default=None, max_length=CALLBACK_URL_MAX_LENGTH)
 
 
 # The body of POST /jobs. Caps that depend on settings are checked in the API layer.
@@ -103,10 +121,59 @@ class JobCreate(JobBase):
                     "priority": 0,
                     "max_attempts": 3,
                     "retry_on_exit_codes": [75],
+                    "labels": {"team": "ml", "kind": "nightly"},
+                    "callback_url": "https://example.com/hooks/jobdock",
                 }
             ]
         },
     )
+
+    # Written to the container's standard input, then closed. Never returned.
+    stdin: str | None = Field(default=None)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_are_valid(cls, labels: dict[str, str]) -> dict[str, str]:
+        if len(labels) > LABELS_MAX:
+            raise ValueError(f"labels has {len(labels)} entries; at most {LABELS_MAX}")
+        for key, value in labels.items():
+            if not LABEL_KEY.match(key):
+                raise ValueError(
+                    f"label key {key!r} is not valid (1-63 letters, digits, '.', '_', '/', '-', "
+                    "starting and ending with a letter or digit; no ':')"
+                )
+            if len(value) > LABEL_VALUE_MAX_LENGTH or "\x00" in value:
+                raise ValueError(
+                    f"label {key}: the value must be at most {LABEL_VALUE_MAX_LENGTH} "
+                    "characters without NUL bytes"
+                )
+        return labels
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback_is_http(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        try:
+            parsed = HttpUrl(url)
+        except ValueError:
+            raise ValueError(
+                "callback_url must be an absolute http:// or https:// URL with a host"
+            ) from None
+        if parsed.username or parsed.password:
+            raise ValueError("callback_url must not carry credentials; the body is signed")
+        return url
+
+    @field_validator("stdin")
+    @classmethod
+    def _stdin_has_no_surrogates(cls, stdin: str | None) -> str | None:
+        if stdin is None:
+            return None
+        try:
+            stdin.encode()
+        except UnicodeEncodeError:
+            raise ValueError("stdin must be valid Unicode text") from None
+        return stdin
 
     @field_validator("image")
     @classmethod
@@ -192,6 +259,25 @@ class AppliedLimits(BaseModel):
     network_mode: str
 
 
+# What a finished attempt used, where the engine could tell.
+class ResourceReport(BaseModel):
+    wall_seconds: float | None = None
+    cpu_seconds: float | None = None
+    peak_memory_bytes: int | None = None
+    # The image that actually ran: its id, and its registry digest when it has one.
+    image_id: str | None = None
+    image_digest: str | None = None
+
+
+# One attempt to deliver a job's webhook.
+class WebhookDelivery(BaseModel):
+    attempt: int
+    attempted_at: datetime
+    status_code: int | None
+    error: str | None
+    duration_ms: float
+
+
 # How one earlier attempt of a retried job ended.
 class AttemptRecord(BaseModel):
     attempt: int
@@ -210,6 +296,10 @@ class Job(JobBase, table=True):
         sa.Index("ix_jobs_claim", "state", "priority", "created_at"),
         sa.Index("ix_jobs_created_at", "created_at"),
         sa.Index("ix_jobs_lease", "state", "lease_expires_at"),
+        sa.Index("ix_jobs_image", "image", "created_at"),
+        sa.Index("ix_jobs_finished_at", "finished_at"),
+        sa.Index("ix_jobs_callback", "callback_state", "callback_next_at"),
+        sa.Index("ux_jobs_idempotency_key", "idempotency_key", unique=True),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
@@ -242,10 +332,41 @@ class Job(JobBase, table=True):
     stderr: str = Field(default="", sa_type=sa.Text)
     output_truncated: bool = Field(default=False)
     error: str | None = Field(default=None, sa_type=sa.Text)
+    # A ResourceReport dump, written with the terminal state.
+    resources: dict[str, Any] | None = Field(default=None, sa_type=sa.JSON)
+
+    stdin: str | None = Field(default=None, sa_type=sa.Text)
+    # The webhook: due once the job is terminal, delivered by a worker (WebhookDelivery dumps).
+    callback_state: CallbackState | None = Field(
+        default=None,
+        sa_type=sa.Enum(
+            CallbackState,
+            native_enum=False,
+            length=16,
+            values_callable=lambda states: [s.value for s in states],
+        ),
+    )
+    callback_next_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    callback_deliveries: list[dict[str, Any]] | None = Field(default=None, sa_type=sa.JSON)
+    # POST /jobs with an Idempotency-Key: the key and a hash of the request it came with.
+    idempotency_key: str | None = Field(default=None, max_length=255)
+    request_hash: str | None = Field(default=None, max_length=64)
 
     created_at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime)
     started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+# Output of a job as written while it runs: numbered chunks, per job, across attempts.
+class LogChunk(SQLModel, table=True):
+    __tablename__ = "job_log_chunks"
+
+    job_id: uuid.UUID = Field(primary_key=True)
+    seq: int = Field(primary_key=True)
+    attempt: int
+    stream: str = Field(max_length=6)
+    data: str = Field(sa_type=sa.Text)
+    created_at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime)
 
 
 # A job as listed: everything but its output.
@@ -262,14 +383,17 @@ class JobSummary(JobBase):
     attempts: list[AttemptRecord]
     cancel_requested: bool
     limits: AppliedLimits | None
+    resources: ResourceReport | None
+    callback_state: CallbackState | None
+    callback_deliveries: list[WebhookDelivery]
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
 
-    @field_validator("attempts", mode="before")
+    @field_validator("attempts", "callback_deliveries", mode="before")
     @classmethod
-    def _no_attempts_yet(cls, attempts: list[Any] | None) -> list[Any]:
-        return attempts or []
+    def _none_yet(cls, records: list[Any] | None) -> list[Any]:
+        return records or []
 
 
 # A job as read by id: the summary plus stdout and stderr.
@@ -282,6 +406,18 @@ class JobPublic(JobSummary):
 class JobPage(BaseModel):
     items: list[JobSummary]
     next_cursor: str | None
+
+
+# The body of POST /jobs/batch: validated as a whole, stored as a whole.
+class JobBatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[JobCreate] = Field(min_length=1, max_length=BATCH_MAX_JOBS)
+
+
+# The answer to POST /jobs/batch, the jobs in the order submitted.
+class JobBatch(BaseModel):
+    items: list[JobPublic]
 
 
 # The body of every error response.
@@ -297,6 +433,7 @@ class JobResult(BaseModel):
     stderr: str = ""
     output_truncated: bool = False
     error: str | None = None
+    resources: ResourceReport | None = None
 
 
 # The one row that names this database: containers carry its id, so a worker knows which

@@ -2,10 +2,11 @@
 
 import os
 import socket
+from datetime import timedelta
 from functools import lru_cache
 from typing import Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -54,6 +55,28 @@ class Settings(BaseSettings):
     pull_timeout_seconds: float = Field(default=300.0, gt=0)
     # Deadline for a single short engine call (create, start, inspect, kill, remove).
     engine_call_timeout_seconds: float = Field(default=60.0, gt=0)
+    # Largest `stdin` a job may carry, in bytes of UTF-8.
+    stdin_max_bytes: int = Field(default=MIB, ge=0)
+
+    # GET /jobs/{id}?wait= waits at most this long; longer asks are shortened to it.
+    wait_max_seconds: float = Field(default=60.0, ge=0)
+    # Above this many queued jobs POST /jobs answers 503 (0: no limit).
+    max_queued: int = Field(default=10_000, ge=0)
+    # The Retry-After a 503 for a full queue carries.
+    queue_full_retry_after_seconds: int = Field(default=5, ge=1)
+    # An Idempotency-Key is remembered this long (seconds, or ISO 8601 such as P1D).
+    idempotency_ttl: timedelta = Field(default=timedelta(hours=24))
+    # Finished jobs and their logs are purged this long after they finish (0: kept forever).
+    retention: timedelta = Field(default=timedelta(days=7))
+    # How often a running job's new output is written to the database as a log chunk.
+    log_flush_interval_seconds: float = Field(default=0.25, gt=0)
+
+    # Webhooks: each delivery is signed with HMAC-SHA256 under this secret.
+    webhook_secret: SecretStr | None = None
+    webhook_max_attempts: int = Field(default=5, ge=1, le=50)
+    webhook_backoff_seconds: float = Field(default=1.0, ge=0)
+    webhook_backoff_max_seconds: float = Field(default=300.0, ge=0)
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
 
     @model_validator(mode="after")
     def _defaults_within_caps(self) -> Self:

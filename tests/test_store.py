@@ -462,9 +462,10 @@ async def test_create_job_fills_in_defaults_from_settings(
     session_factory: SessionFactory, settings: Settings
 ) -> None:
     async with session_factory() as session:
-        job = await store.create_job(
+        job, created = await store.create_job(
             session=session, job_in=JobCreate(image="busybox", memory_mb=64), settings=settings
         )
+    assert created
     stored = await read(session_factory, job.id)
     assert stored.state is JobState.queued
     assert stored.cpu_shares == settings.default_cpu_shares

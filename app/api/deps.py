@@ -6,6 +6,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.events import JobEvents
 from app.settings import Settings
 from app.worker.pool import WorkerPool
 
@@ -20,6 +21,11 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
+def get_events(request: Request) -> JobEvents:
+    events: JobEvents = request.app.state.events
+    return events
+
+
 def get_pool(request: Request) -> WorkerPool | None:
     pool: WorkerPool | None = request.app.state.pool
     return pool
@@ -27,4 +33,5 @@ def get_pool(request: Request) -> WorkerPool | None:
 
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+EventsDep = Annotated[JobEvents, Depends(get_events)]
 PoolDep = Annotated[WorkerPool | None, Depends(get_pool)]

@@ -59,7 +59,7 @@ async def submit_job(
     pool: PoolDep,
 ) -> JobPublic:
     check_caps(job_in, settings)
-    job = await store.create_job(session=session, job_in=job_in, settings=settings)
+    job, _ = await store.create_job(session=session, job_in=job_in, settings=settings)
     if pool is not None:
         pool.wake()
     response.headers["Location"] = str(request.url_for("get_job", job_id=str(job.id)).path)

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from app import store
 from app.db import SessionFactory, is_postgresql, listen_for_submissions
 from app.errors import EngineError, EngineUnreachable, ImageNotFound
+from app.events import JobEvents
 from app.models import AppliedLimits, Job, JobResult, JobState, utc_now
 from app.settings import MIB, Settings
 from app.worker.runner import (
@@ -159,9 +160,12 @@ class WorkerPool:
         worker_id: str | None = None,
         concurrency: int | None = None,
         instance_id: str = "",
+        events: JobEvents | None = None,
     ) -> None:
         self._sessions = session_factory
         self._runner = runner
+        # Wakes callers in this process that wait on a job's end or follow its output.
+        self.events = events or JobEvents()
         self._settings = settings
         self.worker_id = worker_id or settings.worker_id
         # This database's id, as labelled on the containers its workers create.
@@ -411,6 +415,7 @@ class WorkerPool:
                     written = await store.finish_job(
                         session=session, job_id=job.id, worker_id=self.worker_id, result=result
                     )
+            self.events.notify(job.id)
             if not written:
                 logger.warning("job %s: result dropped, this worker no longer holds it", job.id)
             elif retry:
@@ -514,6 +519,7 @@ class WorkerPool:
                 session=session, next_run_after=self._next_run_after
             )
         for job_id, state in rescued:
+            self.events.notify(job_id)
             logger.warning("job %s: %s; now %s", job_id, store.LOST_WITH_WORKER, state)
 
     def _next_run_after(self, failed_attempt: int) -> datetime:

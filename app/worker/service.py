@@ -7,6 +7,7 @@ from contextlib import AsyncExitStack
 
 from app import store
 from app.db import SessionFactory, create_engine, create_session_factory, upgrade_to_head
+from app.events import JobEvents
 from app.settings import Settings
 from app.worker.pool import WorkerPool
 from app.worker.runner import ContainerRunner, create_docker_client
@@ -15,7 +16,10 @@ logger = logging.getLogger(__name__)
 
 
 async def start_pool(
-    stack: AsyncExitStack, settings: Settings, session_factory: SessionFactory
+    stack: AsyncExitStack,
+    settings: Settings,
+    session_factory: SessionFactory,
+    events: JobEvents | None = None,
 ) -> WorkerPool:
     """Start a pool on the configured engine; the stack stops it, then closes the client."""
     async with session_factory() as session:
@@ -27,6 +31,7 @@ async def start_pool(
         runner=ContainerRunner(docker, settings, settings.worker_id, instance_id),
         settings=settings,
         instance_id=instance_id,
+        events=events,
     )
     await pool.start()
     stack.push_async_callback(pool.stop)

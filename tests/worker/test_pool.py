@@ -149,11 +149,12 @@ async def submit(
     session_factory: SessionFactory, settings: Settings, command: list[str] | None = None
 ) -> Job:
     async with session_factory() as session:
-        return await store.create_job(
+        job, _ = await store.create_job(
             session=session,
             job_in=JobCreate(image="jobdock-test-busybox:latest", command=command or ["true"]),
             settings=settings,
         )
+    return job
 
 
 async def get(session_factory: SessionFactory, job_id: uuid.UUID) -> Job:

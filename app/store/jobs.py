@@ -2,27 +2,39 @@
 
 import base64
 import binascii
+import hashlib
 import json
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import defer
 from sqlmodel import col
 
-from app.db import SUBMISSIONS_CHANNEL
-from app.errors import InvalidCursor, JobAlreadyFinished, JobNotFound
+from app.db import JOB_EVENTS_CHANNEL, SUBMISSIONS_CHANNEL
+from app.errors import (
+    IdempotencyKeyReused,
+    InvalidCursor,
+    JobAlreadyFinished,
+    JobNotFound,
+    JobStillActive,
+    QueueFull,
+)
 from app.models import (
+    TERMINAL_STATES,
     AppliedLimits,
     AttemptRecord,
+    CallbackState,
     Instance,
     Job,
     JobCreate,
     JobResult,
     JobState,
+    LogChunk,
     utc_now,
 )
 from app.settings import Settings
@@ -38,8 +50,24 @@ def parse_job_id(raw: str) -> uuid.UUID:
         raise JobNotFound(f"no job has the id {raw!r}") from None
 
 
-async def create_job(*, session: AsyncSession, job_in: JobCreate, settings: Settings) -> Job:
-    job = Job.model_validate(
+def _is_postgresql(session: AsyncSession) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+async def notify_job_changed(session: AsyncSession, job_id: uuid.UUID) -> None:
+    """On PostgreSQL, tell callers waiting in other processes (delivered on commit)."""
+    if _is_postgresql(session):
+        await session.execute(select(func.pg_notify(JOB_EVENTS_CHANNEL, str(job_id))))
+
+
+def request_hash(job_in: JobCreate) -> str:
+    """A fingerprint of what a submission asks for: equal for equal jobs, however spelled."""
+    canonical = json.dumps(job_in.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _new_job(job_in: JobCreate, settings: Settings) -> Job:
+    return Job.model_validate(
         job_in,
         update={
             "cpu_shares": job_in.cpu_shares or settings.default_cpu_shares,
@@ -47,12 +75,98 @@ async def create_job(*, session: AsyncSession, job_in: JobCreate, settings: Sett
             "timeout_seconds": job_in.timeout_seconds or settings.default_timeout_seconds,
         },
     )
-    session.add(job)
-    if session.get_bind().dialect.name == "postgresql":
+
+
+async def _check_queue_room(session: AsyncSession, settings: Settings, adding: int) -> None:
+    if not settings.max_queued:
+        return
+    queued = (
+        await session.execute(
+            select(func.count()).select_from(Job).where(col(Job.state) == JobState.queued)
+        )
+    ).scalar_one()
+    if queued + adding > settings.max_queued:
+        raise QueueFull(
+            f"the queue is full: {queued} jobs are waiting and this service takes at most "
+            f"{settings.max_queued}; retry later",
+            retry_after_seconds=settings.queue_full_retry_after_seconds,
+        )
+
+
+async def _add_jobs(session: AsyncSession, jobs: Sequence[Job]) -> None:
+    session.add_all(jobs)
+    if _is_postgresql(session):
         # Delivered on commit: idle workers in other processes look for work at once.
         await session.execute(select(func.pg_notify(SUBMISSIONS_CHANNEL, "")))
     await session.commit()
+
+
+async def _job_with_key(
+    session: AsyncSession, key: str, fingerprint: str, settings: Settings
+) -> Job | None:
+    """The live job submitted under `key`, if any; an expired key is released."""
+    job = (
+        await session.execute(select(Job).where(col(Job.idempotency_key) == key))
+    ).scalar_one_or_none()
+    if job is None:
+        return None
+    if job.created_at <= utc_now() - settings.idempotency_ttl:
+        await session.execute(
+            update(Job)
+            .where(col(Job.id) == job.id, col(Job.idempotency_key) == key)
+            .values(idempotency_key=None, request_hash=None)
+        )
+        await session.commit()
+        return None
+    if job.request_hash != fingerprint:
+        raise IdempotencyKeyReused(
+            f"the Idempotency-Key {key!r} was used for a different request (job {job.id}); "
+            "use a new key for a new job"
+        )
     return job
+
+
+async def create_job(
+    *,
+    session: AsyncSession,
+    job_in: JobCreate,
+    settings: Settings,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Queue a job. With an idempotency key already used for the same request, the job
+    it made is returned instead; the flag says whether a job was created."""
+    fingerprint = request_hash(job_in)
+    if idempotency_key is not None:
+        existing = await _job_with_key(session, idempotency_key, fingerprint, settings)
+        if existing is not None:
+            return existing, False
+    await _check_queue_room(session, settings, 1)
+    job = _new_job(job_in, settings)
+    if idempotency_key is not None:
+        job.idempotency_key = idempotency_key
+        job.request_hash = fingerprint
+    try:
+        await _add_jobs(session, [job])
+    except IntegrityError:
+        # The same key, submitted at the same moment by another request, won.
+        await session.rollback()
+        if idempotency_key is None:
+            raise
+        existing = await _job_with_key(session, idempotency_key, fingerprint, settings)
+        if existing is None:
+            raise
+        return existing, False
+    return job, True
+
+
+async def create_jobs(
+    *, session: AsyncSession, jobs_in: Sequence[JobCreate], settings: Settings
+) -> list[Job]:
+    """Queue several jobs in one transaction: all of them or none."""
+    await _check_queue_room(session, settings, len(jobs_in))
+    jobs = [_new_job(job_in, settings) for job_in in jobs_in]
+    await _add_jobs(session, jobs)
+    return jobs
 
 
 async def get_job(*, session: AsyncSession, job_id: uuid.UUID) -> Job:
@@ -84,13 +198,29 @@ async def list_jobs(
     *,
     session: AsyncSession,
     state: JobState | None = None,
+    labels: dict[str, str] | None = None,
+    image: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
     limit: int,
     cursor: str | None = None,
 ) -> tuple[Sequence[Job], str | None]:
-    """One page of jobs, newest first, without their output."""
-    query = select(Job).options(defer(Job.stdout), defer(Job.stderr))  # type: ignore[arg-type]
+    """One page of jobs, newest first, without their output; every filter must hold."""
+    query = select(Job).options(
+        defer(Job.stdout),  # type: ignore[arg-type]
+        defer(Job.stderr),  # type: ignore[arg-type]
+        defer(Job.stdin),  # type: ignore[arg-type]
+    )
     if state is not None:
         query = query.where(col(Job.state) == state)
+    for key, value in (labels or {}).items():
+        query = query.where(col(Job.labels)[key].as_string() == value)
+    if image is not None:
+        query = query.where(col(Job.image) == image)
+    if created_after is not None:
+        query = query.where(col(Job.created_at) > created_after)
+    if created_before is not None:
+        query = query.where(col(Job.created_at) < created_before)
     if cursor is not None:
         created_at, job_id = _decode_cursor(cursor)
         query = query.where(
@@ -104,6 +234,55 @@ async def list_jobs(
     if len(jobs) > limit:
         return jobs[:limit], _encode_cursor(jobs[limit - 1])
     return jobs, None
+
+
+async def delete_job(*, session: AsyncSession, job_id: uuid.UUID) -> None:
+    """Remove a finished job and its logs; a queued or running job is refused."""
+    deleted = await session.execute(
+        delete(Job)
+        .where(col(Job.id) == job_id, col(Job.state).in_(TERMINAL_STATES))
+        .returning(col(Job.id))
+    )
+    if deleted.scalar_one_or_none() is None:
+        await session.rollback()
+        job = await get_job(session=session, job_id=job_id)
+        raise JobStillActive(
+            f"job {job_id} is {job.state.value}; cancel it and wait until it ends, then delete it"
+        )
+    await session.execute(delete(LogChunk).where(col(LogChunk.job_id) == job_id))
+    await session.commit()
+
+
+async def purge_finished_jobs(
+    *, session: AsyncSession, finished_before: datetime, batch_size: int = 500
+) -> int:
+    """Delete up to `batch_size` jobs (and their logs) that finished before the instant."""
+    job_ids = (
+        (
+            await session.execute(
+                select(col(Job.id))
+                .where(
+                    col(Job.finished_at) < finished_before,
+                    col(Job.state).in_(TERMINAL_STATES),
+                )
+                .limit(batch_size)
+            )
+        )
+        .scalars()
+        .all()
+    )
+    if not job_ids:
+        await session.commit()
+        return 0
+    await session.execute(delete(LogChunk).where(col(LogChunk.job_id).in_(job_ids)))
+    result = await session.execute(
+        delete(Job)
+        .where(col(Job.id).in_(job_ids), col(Job.state).in_(TERMINAL_STATES))
+        .returning(col(Job.id))
+    )
+    purged = len(result.all())
+    await session.commit()
+    return purged
 
 
 async def _update_job(
@@ -120,17 +299,32 @@ async def _update_job(
     return result.scalar_one_or_none()
 
 
+def _terminal(state: JobState, now: datetime, **values: Any) -> dict[str, Any]:
+    """The columns of a job reaching a terminal state; its webhook, if any, becomes due."""
+    return {
+        "state": state,
+        "finished_at": now,
+        "lease_expires_at": None,
+        "callback_state": case(
+            (col(Job.callback_url).is_not(None), CallbackState.pending.value), else_=None
+        ),
+        "callback_next_at": case((col(Job.callback_url).is_not(None), now), else_=None),
+        **values,
+    }
+
+
 async def cancel_job(*, session: AsyncSession, job_id: uuid.UUID) -> Job:
     """Cancel a queued job at once, or ask the worker of a running job to kill it."""
     now = utc_now()
     job = await _update_job(
         session,
         [col(Job.id) == job_id, col(Job.state) == JobState.queued],
-        state=JobState.cancelled,
-        cancel_requested=True,
-        error="cancelled before it started",
-        finished_at=now,
+        **_terminal(
+            JobState.cancelled, now, cancel_requested=True, error="cancelled before it started"
+        ),
     )
+    if job is not None:
+        await notify_job_changed(session, job_id)
     if job is None:
         job = await _update_job(
             session,
@@ -249,20 +443,21 @@ async def finish_job(
     """Write a terminal state, only while this worker's claim holds. False if it did not."""
     if not result.state.is_terminal:
         raise ValueError(f"{result.state} is not a terminal state")
+    await notify_job_changed(session, job_id)
     return await _write_while_held(
         session,
         job_id,
         worker_id,
-        {
-            "state": result.state,
-            "exit_code": result.exit_code,
-            "stdout": result.stdout,
-            "stderr": result.stderr,
-            "output_truncated": result.output_truncated,
-            "error": result.error,
-            "finished_at": utc_now(),
-            "lease_expires_at": None,
-        },
+        _terminal(
+            result.state,
+            utc_now(),
+            exit_code=result.exit_code,
+            stdout=result.stdout,
+            stderr=result.stderr,
+            output_truncated=result.output_truncated,
+            error=result.error,
+            resources=None if result.resources is None else result.resources.model_dump(),
+        ),
     )
 
 
@@ -336,6 +531,7 @@ async def retry_job(
         finished_at=utc_now(),
     )
     attempts = [*(job.attempts or []), record.model_dump(mode="json")]
+    await notify_job_changed(session, job.id)
     return await _write_while_held(session, job.id, worker_id, _requeued(run_after, attempts))
 
 
@@ -377,12 +573,7 @@ async def rescue_lost_jobs(
             values = _requeued(next_run_after(job.attempt), attempts)
         else:
             state = JobState.failed
-            values = {
-                "state": state,
-                "error": LOST_WITH_WORKER,
-                "finished_at": now,
-                "lease_expires_at": None,
-            }
+            values = _terminal(state, now, error=LOST_WITH_WORKER)
         written = await session.execute(
             update(Job)
             .where(
@@ -397,6 +588,7 @@ async def rescue_lost_jobs(
         )
         if written.scalar_one_or_none() is not None:
             rescued.append((job.id, state))
+            await notify_job_changed(session, job.id)
         await session.commit()
     return rescued
 
