@@ -98,9 +98,7 @@ class JobBase(SQLModel):
     priority: int = Field(default=0, ge=-100, le=100)
     max_attempts: int = Field(default=1, ge=1, le=10, sa_column_kwargs={"server_default": "1"})
     retry_on_exit_codes: list[int] | None = Field(default=None, sa_type=sa.JSON)
-    labels: dict[str, str] = Field(
-        default_factory=dict, sa_type=sa.JSON, sa_column_kwargs={"server_default": "{}"}
-    )
+    labels: dict[str, str] = Field(default_factory=dict, sa_type=sa.JSON)
     callback_url: str | None = Field(default=None, max_length=CALLBACK_URL_MAX_LENGTH)
 
 

@@ -39,6 +39,9 @@ def upgrade() -> None:
         batch.create_index("ix_jobs_finished_at", ["finished_at"])
         batch.create_index("ix_jobs_callback", ["callback_state", "callback_next_at"])
         batch.create_index("ux_jobs_idempotency_key", ["idempotency_key"], unique=True)
+    with op.batch_alter_table("jobs") as batch:
+        # The default only filled in existing rows: PostgreSQL cannot compare JSON defaults.
+        batch.alter_column("labels", server_default=None)
     op.create_table(
         "job_log_chunks",
         sa.Column("job_id", sa.Uuid(), nullable=False),
