@@ -1,15 +1,18 @@
 """Every setting of Jobdock, read once from `JOBDOCK_*` environment variables."""
 
 import os
+import re
 import socket
 from datetime import timedelta
 from functools import lru_cache
 from typing import Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\Z")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _default_worker_id() -> str:
@@ -77,6 +80,17 @@ class Settings(BaseSettings):
     webhook_backoff_seconds: float = Field(default=1.0, ge=0)
     webhook_backoff_max_seconds: float = Field(default=300.0, ge=0)
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    @field_validator("idempotency_ttl", "retention", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        """Seconds ("3600"), a number with a unit ("90s", "30m", "24h", "7d"), or ISO 8601."""
+        if isinstance(value, str):
+            match = DURATION.match(value.strip())
+            if match:
+                number, unit = float(match.group(1)), match.group(2) or "s"
+                return timedelta(seconds=number * DURATION_UNITS[unit])
+        return value
 
     @model_validator(mode="after")
     def _defaults_within_caps(self) -> Self:

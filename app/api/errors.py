@@ -8,13 +8,24 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from app.errors import InvalidCursor, JobAlreadyFinished, JobdockError, JobNotFound
+from app.errors import (
+    IdempotencyKeyReused,
+    InvalidCursor,
+    JobAlreadyFinished,
+    JobdockError,
+    JobNotFound,
+    JobStillActive,
+    QueueFull,
+)
 from app.models import JobCreate
 
 ERROR_STATUS: dict[type[JobdockError], int] = {
     JobNotFound: status.HTTP_404_NOT_FOUND,
     JobAlreadyFinished: status.HTTP_409_CONFLICT,
     InvalidCursor: status.HTTP_422_UNPROCESSABLE_CONTENT,
+    JobStillActive: status.HTTP_409_CONFLICT,
+    IdempotencyKeyReused: status.HTTP_422_UNPROCESSABLE_CONTENT,
+    QueueFull: status.HTTP_503_SERVICE_UNAVAILABLE,
 }
 
 JOB_FIELDS = ", ".join(JobCreate.model_fields)
@@ -28,14 +39,17 @@ class EscapedJSONResponse(JSONResponse):
         return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
 
 
-def _actionable(error: dict[str, Any]) -> dict[str, Any]:
+def _actionable(error: dict[str, Any], *, batch: bool) -> dict[str, Any]:
     """Say what to do about one validation error, in words a caller can act on."""
     error = dict(error)
     # ctx holds the raised exception object, which says nothing once serialized.
     error.pop("ctx", None)
     if error.get("type") == "extra_forbidden":
-        field = error["loc"][-1] if error.get("loc") else "?"
-        error["msg"] = f"unknown field {field!r}; a job may set only: {JOB_FIELDS}"
+        loc = error.get("loc") or ("?",)
+        if batch and len(loc) == 2:
+            error["msg"] = f"unknown field {loc[-1]!r}; a batch has only the field 'jobs'"
+        else:
+            error["msg"] = f"unknown field {loc[-1]!r}; a job may set only: {JOB_FIELDS}"
     elif isinstance(error.get("msg"), str):
         error["msg"] = error["msg"].removeprefix("Value error, ")
     return error
@@ -43,7 +57,8 @@ def _actionable(error: dict[str, Any]) -> dict[str, Any]:
 
 async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [_actionable(error) for error in exc.errors()]
+    batch = request.url.path.endswith("/jobs/batch")
+    errors = [_actionable(error, batch=batch) for error in exc.errors()]
     return EscapedJSONResponse(
         {"detail": jsonable_encoder(errors)}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT
     )
@@ -55,7 +70,8 @@ async def domain_error(request: Request, exc: Exception) -> JSONResponse:
         (code for kind, code in ERROR_STATUS.items() if isinstance(exc, kind)),
         status.HTTP_500_INTERNAL_SERVER_ERROR,
     )
-    return JSONResponse({"detail": exc.message}, status_code=code)
+    headers = {"Retry-After": str(exc.retry_after_seconds)} if isinstance(exc, QueueFull) else None
+    return JSONResponse({"detail": exc.message}, status_code=code, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,47 +1,130 @@
 """The /jobs routes: thin adapters from HTTP to app.store and the worker pool."""
 
+import asyncio
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 
 from app import store
-from app.api.deps import PoolDep, SessionDep, SettingsDep
-from app.models import ErrorBody, JobCreate, JobPage, JobPublic, JobState, JobSummary
+from app.api.deps import EventsDep, PoolDep, SessionDep, SettingsDep
+from app.events import wait_for_change
+from app.models import (
+    LABEL_KEY,
+    ErrorBody,
+    JobBatch,
+    JobBatchCreate,
+    JobCreate,
+    JobPage,
+    JobPublic,
+    JobState,
+    JobSummary,
+)
 from app.settings import Settings
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorBody, "description": "No such job"}
+Responses = dict[int | str, dict[str, Any]]
+
+NOT_FOUND: Responses = {404: {"model": ErrorBody, "description": "No job has this id"}}
+QUEUE_FULL: Responses = {
+    503: {
+        "model": ErrorBody,
+        "description": "Too many jobs are queued; retry after the `Retry-After` seconds",
+        "headers": {
+            "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
+        },
+    }
 }
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
+
+
+def _cap_errors(job_in: JobCreate, settings: Settings, loc: tuple[Any, ...]) -> list[Any]:
+    """Limits beyond what the operator allows, in FastAPI's 422 shape."""
+    errors = []
+
+    def cap(field: str, value: int, limit: int, unit: str = "") -> None:
+        if value > limit:
+            errors.append(
+                {
+                    "type": "less_than_equal",
+                    "loc": (*loc, field),
+                    "msg": f"{field} may be at most {limit}{unit} on this service",
+                    "input": value,
+                }
+            )
+
+    if job_in.memory_mb is not None:
+        cap("memory_mb", job_in.memory_mb, settings.max_memory_mb)
+    if job_in.timeout_seconds is not None:
+        cap("timeout_seconds", job_in.timeout_seconds, settings.max_timeout_seconds)
+    if job_in.stdin is not None:
+        size = len(job_in.stdin.encode())
+        if size > settings.stdin_max_bytes:
+            errors.append(
+                {
+                    "type": "too_long",
+                    "loc": (*loc, "stdin"),
+                    "msg": (
+                        f"stdin is {size} bytes; it may be at most {settings.stdin_max_bytes} "
+                        "bytes of UTF-8 on this service"
+                    ),
+                    "input": f"<{size} bytes>",
+                }
+            )
+    return errors
 
 
 def check_caps(job_in: JobCreate, settings: Settings) -> None:
-    """Reject limits beyond what the operator allows, in FastAPI's 422 shape."""
-    errors = []
-    if job_in.memory_mb is not None and job_in.memory_mb > settings.max_memory_mb:
-        errors.append(
-            {
-                "type": "less_than_equal",
-                "loc": ("body", "memory_mb"),
-                "msg": f"memory_mb may be at most {settings.max_memory_mb} on this service",
-                "input": job_in.memory_mb,
-            }
-        )
-    if job_in.timeout_seconds is not None and job_in.timeout_seconds > settings.max_timeout_seconds:
-        errors.append(
-            {
-                "type": "less_than_equal",
-                "loc": ("body", "timeout_seconds"),
-                "msg": (
-                    f"timeout_seconds may be at most {settings.max_timeout_seconds} on this service"
-                ),
-                "input": job_in.timeout_seconds,
-            }
-        )
+    errors = _cap_errors(job_in, settings, ("body",))
     if errors:
         raise RequestValidationError(errors)
+
+
+def _parse_labels(raw: list[str]) -> dict[str, str]:
+    """`key:value` filters from the query string; 422 for any that is not one."""
+    labels: dict[str, str] = {}
+    errors = []
+    for index, item in enumerate(raw):
+        key, sep, value = item.partition(":")
+        if not sep or not LABEL_KEY.match(key):
+            errors.append(
+                {
+                    "type": "value_error",
+                    "loc": ("query", "label", index),
+                    "msg": (
+                        f"label filter {item!r} must be key:value with a valid label key, "
+                        "e.g. label=team:ml"
+                    ),
+                    "input": item,
+                }
+            )
+        elif key in labels and labels[key] != value:
+            errors.append(
+                {
+                    "type": "value_error",
+                    "loc": ("query", "label", index),
+                    "msg": f"label {key} is filtered on twice with different values",
+                    "input": item,
+                }
+            )
+        else:
+            labels[key] = value
+    if errors:
+        raise RequestValidationError(errors)
+    return labels
+
+
+def _utc(instant: datetime | None) -> datetime | None:
+    """A query instant; one without a time zone is read as UTC."""
+    if instant is None:
+        return None
+    return instant.replace(tzinfo=UTC) if instant.tzinfo is None else instant.astimezone(UTC)
+
+
+def _location(request: Request, job_id: object) -> str:
+    return str(request.url_for("get_job", job_id=str(job_id)).path)
 
 
 @router.post(
@@ -49,6 +132,16 @@ def check_caps(job_in: JobCreate, settings: Settings) -> None:
     status_code=status.HTTP_202_ACCEPTED,
     operation_id="submit_job",
     summary="Submit a job",
+    description=(
+        "Queues a job and answers 202 with it and its `Location`. With an `Idempotency-Key` "
+        "header, a repeat of the same request (within the key's lifetime) answers 200 with "
+        "the job the first one made instead of making another; the same key with a "
+        "different body answers 422."
+    ),
+    responses={
+        200: {"model": JobPublic, "description": "A repeat of an earlier request: its job"},
+        **QUEUE_FULL,
+    },
 )
 async def submit_job(
     job_in: JobCreate,
@@ -57,32 +150,126 @@ async def submit_job(
     session: SessionDep,
     settings: SettingsDep,
     pool: PoolDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            pattern=IDEMPOTENCY_KEY_PATTERN,
+            description="Any 1-255 printable ASCII characters, unique per intended job",
+        ),
+    ] = None,
 ) -> JobPublic:
     check_caps(job_in, settings)
-    job, _ = await store.create_job(session=session, job_in=job_in, settings=settings)
+    job, created = await store.create_job(
+        session=session, job_in=job_in, settings=settings, idempotency_key=idempotency_key
+    )
+    if created:
+        if pool is not None:
+            pool.wake()
+    else:
+        response.status_code = status.HTTP_200_OK
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = _location(request, job.id)
+    return JobPublic.model_validate(job)
+
+
+@router.post(
+    "/batch",
+    status_code=status.HTTP_202_ACCEPTED,
+    operation_id="submit_jobs",
+    summary="Submit up to 100 jobs at once",
+    description=(
+        "All or nothing: if any job is invalid, the 422 names it by its index in `jobs` "
+        "and none is queued. The answer lists the jobs in the order given."
+    ),
+    responses=QUEUE_FULL,
+)
+async def submit_jobs(
+    batch: JobBatchCreate, session: SessionDep, settings: SettingsDep, pool: PoolDep
+) -> JobBatch:
+    errors = [
+        error
+        for index, job_in in enumerate(batch.jobs)
+        for error in _cap_errors(job_in, settings, ("body", "jobs", index))
+    ]
+    if errors:
+        raise RequestValidationError(errors)
+    jobs = await store.create_jobs(session=session, jobs_in=batch.jobs, settings=settings)
     if pool is not None:
         pool.wake()
-    response.headers["Location"] = str(request.url_for("get_job", job_id=str(job.id)).path)
-    return JobPublic.model_validate(job)
+    return JobBatch(items=[JobPublic.model_validate(job) for job in jobs])
 
 
 @router.get("", operation_id="list_jobs", summary="List jobs, newest first")
 async def list_jobs(
     session: SessionDep,
     state: JobState | None = None,
+    label: Annotated[
+        list[str],
+        Query(
+            max_length=32,
+            description="`key:value`; repeat to require several labels",
+            examples=["team:ml"],
+        ),
+    ] = [],  # noqa: B006 (FastAPI copies defaults)
+    image: Annotated[str | None, Query(max_length=255, description="Exact image")] = None,
+    created_after: Annotated[
+        datetime | None, Query(description="ISO 8601; without a zone, UTC")
+    ] = None,
+    created_before: Annotated[
+        datetime | None, Query(description="ISO 8601; without a zone, UTC")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> JobPage:
     jobs, next_cursor = await store.list_jobs(
-        session=session, state=state, limit=limit, cursor=cursor
+        session=session,
+        state=state,
+        labels=_parse_labels(label),
+        image=image,
+        created_after=_utc(created_after),
+        created_before=_utc(created_before),
+        limit=limit,
+        cursor=cursor,
     )
     return JobPage(items=[JobSummary.model_validate(job) for job in jobs], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", operation_id="get_job", summary="Get a job", responses=NOT_FOUND)
-async def get_job(job_id: str, session: SessionDep) -> JobPublic:
-    job = await store.get_job(session=session, job_id=store.parse_job_id(job_id))
-    return JobPublic.model_validate(job)
+@router.get(
+    "/{job_id}",
+    operation_id="get_job",
+    summary="Get a job, or wait for it to finish",
+    description=(
+        "With `wait`, answers as soon as the job is in a terminal state, or after at most "
+        "`wait` seconds with the job as it is then (longer waits are shortened to the "
+        "service's maximum)."
+    ),
+    responses=NOT_FOUND,
+)
+async def get_job(
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    events: EventsDep,
+    wait: Annotated[
+        float | None, Query(ge=0, le=86400, description="Seconds to wait for a terminal state")
+    ] = None,
+) -> JobPublic:
+    uuid_ = store.parse_job_id(job_id)
+    if not wait:
+        return JobPublic.model_validate(await store.get_job(session=session, job_id=uuid_))
+    deadline = asyncio.get_running_loop().time() + min(wait, settings.wait_max_seconds)
+    with events.subscribe(uuid_) as changed:
+        while True:
+            changed.clear()
+            job = await store.get_job(session=session, job_id=uuid_)
+            # A read ends the transaction, so the next read sees later commits.
+            await session.commit()
+            remaining = deadline - asyncio.get_running_loop().time()
+            if job.state.is_terminal or remaining <= 0:
+                return JobPublic.model_validate(job)
+            # Notifications wake us at once; the re-read is a fallback for a missed one.
+            await wait_for_change(changed, min(remaining, settings.poll_interval_seconds))
 
 
 @router.post(
@@ -100,11 +287,30 @@ async def get_job(job_id: str, session: SessionDep) -> JobPublic:
     },
 )
 async def cancel_job(
-    job_id: str, response: Response, session: SessionDep, pool: PoolDep
+    job_id: str, response: Response, session: SessionDep, pool: PoolDep, events: EventsDep
 ) -> JobPublic:
     job = await store.cancel_job(session=session, job_id=store.parse_job_id(job_id))
     if job.state is JobState.running:
         response.status_code = status.HTTP_202_ACCEPTED
         if pool is not None:
             pool.request_cancel(job.id)
+    else:
+        events.notify(job.id)
+        if pool is not None and job.callback_url is not None:
+            pool.webhooks.wake()
     return JobPublic.model_validate(job)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="delete_job",
+    summary="Delete a finished job and its logs",
+    responses={
+        **NOT_FOUND,
+        409: {"model": ErrorBody, "description": "The job is queued or running"},
+    },
+)
+async def delete_job(job_id: str, session: SessionDep) -> Response:
+    await store.delete_job(session=session, job_id=store.parse_job_id(job_id))
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -39,6 +39,8 @@ from app.models import (
 )
 from app.settings import Settings
 
+# Jobs purged per statement by the retention, so one purge never holds a long lock.
+PURGE_BATCH_SIZE = 500
 LOST_WITH_WORKER = "lost with its worker: its lease expired while it was running"
 
 
@@ -254,7 +256,7 @@ async def delete_job(*, session: AsyncSession, job_id: uuid.UUID) -> None:
 
 
 async def purge_finished_jobs(
-    *, session: AsyncSession, finished_before: datetime, batch_size: int = 500
+    *, session: AsyncSession, finished_before: datetime, batch_size: int = PURGE_BATCH_SIZE
 ) -> int:
     """Delete up to `batch_size` jobs (and their logs) that finished before the instant."""
     job_ids = (
@@ -365,9 +367,14 @@ async def claim_next_job(
 
 
 async def _write_while_held(
-    session: AsyncSession, job_id: uuid.UUID, worker_id: str, values: dict[str, Any]
+    session: AsyncSession,
+    job_id: uuid.UUID,
+    worker_id: str,
+    values: dict[str, Any],
+    chunks: Sequence[LogChunk] = (),
 ) -> bool:
-    """Update a running job only while this worker's claim on it holds; commit."""
+    """Update a running job only while this worker's claim on it holds (and store its last
+    log chunks in the same transaction); commit."""
     written = await session.execute(
         update(Job)
         .where(*_held_by(job_id, worker_id))  # type: ignore[arg-type]
@@ -375,6 +382,8 @@ async def _write_while_held(
         .returning(col(Job.id))
     )
     held = written.scalar_one_or_none() is not None
+    if held and chunks:
+        session.add_all(chunks)
     await session.commit()
     return held
 
@@ -438,9 +447,16 @@ async def renew_leases(
 
 
 async def finish_job(
-    *, session: AsyncSession, job_id: uuid.UUID, worker_id: str, result: JobResult
+    *,
+    session: AsyncSession,
+    job_id: uuid.UUID,
+    worker_id: str,
+    result: JobResult,
+    chunks: Sequence[LogChunk] = (),
 ) -> bool:
-    """Write a terminal state, only while this worker's claim holds. False if it did not."""
+    """Write a terminal state, only while this worker's claim holds. False if it did not.
+
+    `chunks`, the attempt's last log chunks, are stored in the same transaction."""
     if not result.state.is_terminal:
         raise ValueError(f"{result.state} is not a terminal state")
     await notify_job_changed(session, job_id)
@@ -458,6 +474,7 @@ async def finish_job(
             error=result.error,
             resources=None if result.resources is None else result.resources.model_dump(),
         ),
+        chunks,
     )
 
 
@@ -519,8 +536,11 @@ async def retry_job(
     worker_id: str,
     result: JobResult,
     run_after: datetime,
+    chunks: Sequence[LogChunk] = (),
 ) -> bool:
-    """Record a failed attempt and queue the next one, only while this worker's claim holds."""
+    """Record a failed attempt and queue the next one, only while this worker's claim holds.
+
+    `chunks`, the attempt's last log chunks, are stored in the same transaction."""
     record = AttemptRecord(
         attempt=job.attempt,
         state=result.state,
@@ -532,7 +552,9 @@ async def retry_job(
     )
     attempts = [*(job.attempts or []), record.model_dump(mode="json")]
     await notify_job_changed(session, job.id)
-    return await _write_while_held(session, job.id, worker_id, _requeued(run_after, attempts))
+    return await _write_while_held(
+        session, job.id, worker_id, _requeued(run_after, attempts), chunks
+    )
 
 
 async def rescue_lost_jobs(
