@@ -121,6 +121,7 @@ class JobCreate(JobBase):
                     "retry_on_exit_codes": [75],
                     "labels": {"team": "ml", "kind": "nightly"},
                     "callback_url": "https://example.com/hooks/jobdock",
+                    "stdin": "input for the job\n",
                 }
             ]
         },
@@ -408,7 +409,19 @@ class JobPage(BaseModel):
 
 # The body of POST /jobs/batch: validated as a whole, stored as a whole.
 class JobBatchCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "jobs": [
+                        {"image": "busybox:latest", "command": ["echo", "1"]},
+                        {"image": "busybox:latest", "command": ["echo", "2"]},
+                    ]
+                }
+            ]
+        },
+    )
 
     jobs: list[JobCreate] = Field(min_length=1, max_length=BATCH_MAX_JOBS)
 
