@@ -22,10 +22,14 @@ from app.models import JobCreate
 ERROR_STATUS: dict[type[JobdockError], int] = {
     JobNotFound: status.HTTP_404_NOT_FOUND,
     JobAlreadyFinished: status.HTTP_409_CONFLICT,
-    InvalidCursor: status.HTTP_422_UNPROCESSABLE_CONTENT,
     JobStillActive: status.HTTP_409_CONFLICT,
-    IdempotencyKeyReused: status.HTTP_422_UNPROCESSABLE_CONTENT,
     QueueFull: status.HTTP_503_SERVICE_UNAVAILABLE,
+}
+# Domain errors about one input: answered as 422 in the shape of FastAPI's validation
+# errors, so every 422 a client meets parses the same way.
+INPUT_ERRORS: dict[type[JobdockError], tuple[str, str]] = {
+    InvalidCursor: ("query", "cursor"),
+    IdempotencyKeyReused: ("header", "Idempotency-Key"),
 }
 
 JOB_FIELDS = ", ".join(JobCreate.model_fields)
@@ -66,6 +70,10 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, JobdockError)
+    loc = next((loc for kind, loc in INPUT_ERRORS.items() if isinstance(exc, kind)), None)
+    if loc is not None:
+        error = {"type": "value_error", "loc": list(loc), "msg": exc.message, "input": None}
+        return JSONResponse({"detail": [error]}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
     code = next(
         (code for kind, code in ERROR_STATUS.items() if isinstance(exc, kind)),
         status.HTTP_500_INTERNAL_SERVER_ERROR,

@@ -144,8 +144,9 @@ async def test_the_same_key_with_another_body_is_422(queue: Service) -> None:
     first = await queue.client.post("/jobs", json=job("echo 1"), headers={"Idempotency-Key": key})
     other = await queue.client.post("/jobs", json=job("echo 2"), headers={"Idempotency-Key": key})
     assert other.status_code == 422, other.text
-    detail = other.json()["detail"]
-    assert "used for a different request" in detail and first.json()["id"] in detail
+    error = other.json()["detail"][0]
+    assert error["loc"] == ["header", "Idempotency-Key"]
+    assert "used for a different request" in error["msg"] and first.json()["id"] in error["msg"]
 
 
 async def test_concurrent_requests_with_one_key_make_one_job(queue: Service) -> None:

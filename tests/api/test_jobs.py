@@ -590,7 +590,9 @@ async def test_bad_cursor_is_422(listing: tuple[Service, list[JsonBody]], cursor
     svc, _ = listing
     response = await send(svc, "GET", "/jobs", params={"cursor": cursor})
     assert response.status_code == 422, response.text
-    assert "cursor" in response.json()["detail"]
+    error = response.json()["detail"][0]
+    assert error["loc"] == ["query", "cursor"]
+    assert "cursor" in error["msg"]
 
 
 async def test_overlong_cursor_is_422(listing: tuple[Service, list[JsonBody]]) -> None:
