@@ -311,6 +311,8 @@ def _terminal(state: JobState, now: datetime, **values: Any) -> dict[str, Any]:
             (col(Job.callback_url).is_not(None), CallbackState.pending.value), else_=None
         ),
         "callback_next_at": case((col(Job.callback_url).is_not(None), now), else_=None),
+        # No attempt will read it again; it may be large, or secret.
+        "stdin": None,
         **values,
     }
 
