@@ -4,7 +4,9 @@ import os
 import sqlite3
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +14,21 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import SQLModel
 
 import app.models  # noqa: F401  (puts the jobs table on SQLModel.metadata)
-from app.db import alembic_config, create_engine, migrate, upgrade_to_head
+from app.db import (
+    alembic_config,
+    create_engine,
+    create_session_factory,
+    migrate,
+    upgrade_to_head,
+)
+from app.models import JobPublic
+from app.store import get_job
 from tests.support.databases import database_url_for
 
 
@@ -125,3 +135,27 @@ def test_jobdock_migrate_creates_the_jobs_table(tmp_path: Path) -> None:
     assert "jobs" in tables
     assert version == head_revision(url)
     assert set(SQLModel.metadata.tables["jobs"].columns.keys()) == columns
+
+
+async def test_jobs_from_before_0004_read_back_with_empty_labels(engine: AsyncEngine) -> None:
+    """A job stored by 0003 survives the upgrade and reads back through the API model."""
+    await migrate(engine, "upgrade", "0003")
+    job_id = uuid.uuid4()
+    now = datetime.now(UTC).replace(tzinfo=None)
+    async with engine.begin() as connection:
+        await connection.execute(
+            text(
+                "INSERT INTO jobs (id, image, env, cpu_shares, memory_mb, timeout_seconds, "
+                "state, priority, run_after, attempt, cancel_requested, stdout, stderr, "
+                "output_truncated, created_at, max_attempts) VALUES (:id, 'busybox', '{}', "
+                "1024, 256, 300, 'succeeded', 0, :now, 1, false, 'hi\n', '', false, :now, 1)"
+            ),
+            {"id": job_id.hex if engine.dialect.name == "sqlite" else job_id, "now": now},
+        )
+    await upgrade_to_head(engine)
+    async with create_session_factory(engine)() as session:
+        job = JobPublic.model_validate(await get_job(session=session, job_id=job_id))
+    assert job.labels == {}
+    assert job.stdout == "hi\n"
+    assert job.callback_state is None and job.callback_deliveries == []
+    assert job.resources is None
