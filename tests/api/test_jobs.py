@@ -610,7 +610,9 @@ async def test_openapi_names_every_operation(api: Service) -> None:
         for path, methods in spec["paths"].items()
     }
     assert operations["/jobs"] == {"post": "submit_job", "get": "list_jobs"}
-    assert operations["/jobs/{job_id}"] == {"get": "get_job"}
+    assert operations["/jobs/{job_id}"] == {"get": "get_job", "delete": "delete_job"}
+    assert operations["/jobs/batch"] == {"post": "submit_jobs"}
+    assert operations["/jobs/{job_id}/logs"] == {"get": "get_job_logs"}
     assert operations["/jobs/{job_id}/cancel"] == {"post": "cancel_job"}
     submit = spec["paths"]["/jobs"]["post"]
     assert "202" in submit["responses"]
