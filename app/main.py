@@ -8,7 +8,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import health, jobs
+from app.api import health, jobs, logs
 from app.api.errors import install_error_handlers
 from app.db import (
     JOB_EVENTS_CHANNEL,
@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True) ->
     )
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(logs.router)
 
     install_error_handlers(app)
     return app

@@ -34,6 +34,7 @@ LABEL_KEY = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?\Z")
 LABELS_MAX = 32
 LABEL_VALUE_MAX_LENGTH = 255
 CALLBACK_URL_MAX_LENGTH = 2048
+CALLBACK_URL = re.compile(r"^[hH][tT][tT][pP][sS]?://[^/?#\s]+(?:[/?#][^\s]*)?\Z")
 BATCH_MAX_JOBS = 100
 
 
@@ -154,6 +155,10 @@ class JobCreate(JobBase):
         if url is None:
             return None
         try:
+            # The raw text too: pydantic repairs "http:///x" or a trailing newline, an HTTP
+            # client does not, and the URL is stored as given.
+            if not CALLBACK_URL.match(url):
+                raise ValueError
             parsed = HttpUrl(url)
         except ValueError:
             raise ValueError(

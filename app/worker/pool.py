@@ -15,17 +15,23 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from app import store
 from app.db import SessionFactory, is_postgresql, listen_for_submissions
 from app.errors import EngineError, EngineUnreachable, ImageNotFound
 from app.events import JobEvents
-from app.models import AppliedLimits, Job, JobResult, JobState, utc_now
+from app.models import AppliedLimits, Job, JobResult, JobState, LogChunk, utc_now
 from app.settings import MIB, Settings
+from app.store import logs as log_store
+from app.webhooks import WebhookDeliverer
+from app.worker.logs import JobLog
 from app.worker.runner import (
     ContainerRun,
     JobSpec,
     LabelledContainer,
     OnCreated,
+    OnOutput,
     StopReason,
     finish_despite_cancel,
 )
@@ -39,7 +45,8 @@ class JobRunner(Protocol):
     """What the pool needs of an engine; ContainerRunner is the real one.
 
     `cancel` asks the runner to kill the container; `detach` (set before the run's task is
-    cancelled) asks it to stop watching and leave the container running.
+    cancelled) asks it to stop watching and leave the container running. `on_output` is
+    called with each piece of output kept, as it is read (an attach reads from the start).
     """
 
     async def run(
@@ -49,6 +56,7 @@ class JobRunner(Protocol):
         cancel: asyncio.Event,
         detach: asyncio.Event,
         on_created: OnCreated,
+        on_output: OnOutput | None = None,
     ) -> ContainerRun: ...
 
     async def attach(
@@ -59,6 +67,7 @@ class JobRunner(Protocol):
         cancel: asyncio.Event,
         detach: asyncio.Event,
         running_for: float,
+        on_output: OnOutput | None = None,
     ) -> ContainerRun: ...
 
     async def engine_answers(self) -> bool: ...
@@ -90,6 +99,7 @@ def spec_of(job: Job) -> JobSpec:
         cpu_shares=job.cpu_shares,
         memory_mb=job.memory_mb,
         timeout_seconds=job.timeout_seconds,
+        stdin=job.stdin,
     )
 
 
@@ -99,6 +109,7 @@ def result_of(job: Job, run: ContainerRun) -> JobResult:
         "stdout": run.stdout,
         "stderr": run.stderr,
         "output_truncated": run.output_truncated,
+        "resources": run.resources,
     }
     truncated_note = (
         f"output truncated: only the first {run.limits.output_limit_bytes} bytes "
@@ -179,6 +190,10 @@ class WorkerPool:
         self._stopping = False
         # Set when the engine could not be reached; claiming waits until it answers.
         self._engine_down = False
+        # POSTs the webhooks of ended jobs; woken here when a job of this pool ends.
+        self.webhooks = WebhookDeliverer(
+            session_factory=session_factory, settings=settings, on_recorded=self.events.notify
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -189,6 +204,7 @@ class WorkerPool:
         self._side_tasks = [
             self._spawn("heartbeat", self._heartbeat_loop),
             self._spawn("maintenance", self._maintenance_loop),
+            self._spawn("webhooks", self.webhooks.run),
         ]
         if is_postgresql(self._settings.database_url):
             self._side_tasks.append(self._spawn("listen", self._listen_loop))
@@ -326,6 +342,8 @@ class WorkerPool:
         created = container_id is not None
         result: JobResult | None = JobResult(state=JobState.failed, error=INTERRUPTED)
         infrastructure = False
+        log = JobLog(job.id, job.attempt)
+        flusher: asyncio.Task[None] | None = None
 
         async def on_created(new_container_id: str, limits: AppliedLimits) -> None:
             nonlocal created
@@ -333,6 +351,10 @@ class WorkerPool:
             await self._record_container(job, new_container_id, limits)
 
         try:
+            if container_id is not None:
+                # The container's output is read from its start again: skip what is stored.
+                log = JobLog(job.id, job.attempt, stored=await self._stored_output(job))
+            flusher = asyncio.create_task(self._flush_log(log), name=f"jobdock-log-{job.id}")
             if container_id is None:
                 logger.info("job %s attempt %d: starting %s", job.id, job.attempt, job.image)
                 run = await self._runner.run(
@@ -340,6 +362,7 @@ class WorkerPool:
                     cancel=running.cancel,
                     detach=running.detach,
                     on_created=on_created,
+                    on_output=log.feed,
                 )
             else:
                 logger.info("job %s attempt %d: re-attached to its container", job.id, job.attempt)
@@ -350,6 +373,7 @@ class WorkerPool:
                     cancel=running.cancel,
                     detach=running.detach,
                     running_for=(utc_now() - started).total_seconds(),
+                    on_output=log.feed,
                 )
             result = result_of(job, run)
         except EngineUnreachable as exc:
@@ -372,8 +396,9 @@ class WorkerPool:
             logger.exception("job %s: unexpected failure", job.id)
             result = JobResult(state=JobState.failed, error=f"internal error: {exc!r}")
         finally:
+            await finish_despite_cancel(self._stop_flushing(log, flusher))
             if result is not None:
-                await self._record(job, result, infrastructure=infrastructure)
+                await self._record(job, result, infrastructure=infrastructure, log=log)
             elif not running.detach.is_set():
                 await self._release(job)
 
@@ -397,12 +422,17 @@ class WorkerPool:
 
         await finish_despite_cancel(write())
 
-    async def _record(self, job: Job, result: JobResult, *, infrastructure: bool) -> None:
-        """Write the outcome, or queue the next attempt; shielded so shutdown cannot lose it."""
+    async def _record(
+        self, job: Job, result: JobResult, *, infrastructure: bool, log: JobLog | None = None
+    ) -> None:
+        """Write the outcome, or queue the next attempt; shielded so shutdown cannot lose it.
+
+        The attempt's output not yet written goes in the same transaction as log chunks."""
         retry = should_retry(job, result, infrastructure=infrastructure)
 
         async def write() -> None:
             async with self._sessions() as session:
+                chunks = await self._last_chunks(session, log, result)
                 if retry:
                     written = await store.retry_job(
                         session=session,
@@ -410,12 +440,19 @@ class WorkerPool:
                         worker_id=self.worker_id,
                         result=result,
                         run_after=self._next_run_after(job.attempt),
+                        chunks=chunks,
                     )
                 else:
                     written = await store.finish_job(
-                        session=session, job_id=job.id, worker_id=self.worker_id, result=result
+                        session=session,
+                        job_id=job.id,
+                        worker_id=self.worker_id,
+                        result=result,
+                        chunks=chunks,
                     )
             self.events.notify(job.id)
+            if written and not retry:
+                self.webhooks.wake()
             if not written:
                 logger.warning("job %s: result dropped, this worker no longer holds it", job.id)
             elif retry:
@@ -431,6 +468,66 @@ class WorkerPool:
                 logger.info("job %s: %s (exit %s)", job.id, result.state, result.exit_code)
 
         await finish_despite_cancel(write())
+
+    # -- output as log chunks --------------------------------------------------------------
+
+    async def _stored_output(self, job: Job) -> dict[str, int]:
+        """How much of each stream of the job's current attempt is stored already."""
+        async with self._sessions() as session:
+            return await log_store.stored_sizes(session=session, job_id=job.id, attempt=job.attempt)
+
+    async def _flush_log(self, log: JobLog) -> None:
+        """Write a running job's new output as log chunks, every flush interval.
+
+        One INSERT per interval with output, whatever the number of lines; the waiters of
+        the job (here, and on PostgreSQL in every API process) are woken after it.
+        """
+        while await log.next_flush(self._settings.log_flush_interval_seconds):
+            taken = log.take()
+            try:
+                async with self._sessions() as session:
+                    if log.next_seq is None:
+                        log.next_seq = await log_store.next_seq(session=session, job_id=log.job_id)
+                    chunks = log.chunks(taken)
+                    held = await log_store.append_chunks(
+                        session=session,
+                        job_id=log.job_id,
+                        worker_id=self.worker_id,
+                        chunks=chunks,
+                    )
+            except Exception as exc:
+                # Kept for the next round, or for the result's transaction.
+                log.restore(taken)
+                logger.warning("job %s: could not store its output yet: %r", log.job_id, exc)
+                continue
+            if not held:
+                logger.warning(
+                    "job %s: output not stored, this worker no longer holds it", log.job_id
+                )
+                return
+            log.advance(len(chunks))
+            self.events.notify(log.job_id)
+
+    async def _stop_flushing(self, log: JobLog, flusher: "asyncio.Task[None] | None") -> None:
+        """End the flusher, after the write it may be making: the rest goes with the result."""
+        log.close()
+        if flusher is not None:
+            await asyncio.gather(flusher, return_exceptions=True)
+
+    async def _last_chunks(
+        self, session: AsyncSession, log: JobLog | None, result: JobResult
+    ) -> list[LogChunk]:
+        """The attempt's output not yet stored, including any final tail that only the
+        result's reading of the output has (so the chunks add up to the stored output)."""
+        if log is None:
+            return []
+        log.reconcile(result.stdout, result.stderr)
+        taken = log.take()
+        if not taken:
+            return []
+        if log.next_seq is None:
+            log.next_seq = await log_store.next_seq(session=session, job_id=log.job_id)
+        return log.chunks(taken)
 
     async def _listen_loop(self) -> None:
         # Raises when the connection drops; _watched logs it and listens again.
@@ -471,6 +568,7 @@ class WorkerPool:
                 await self.reattach_containers(at_start=at_start, containers=containers)
             at_start = False
             await self.rescue_lost_jobs()
+            await self.purge_finished_jobs()
             if containers is not None:
                 await self.remove_leftover_containers(containers=containers)
             await asyncio.sleep(interval)
@@ -521,6 +619,24 @@ class WorkerPool:
         for job_id, state in rescued:
             self.events.notify(job_id)
             logger.warning("job %s: %s; now %s", job_id, store.LOST_WITH_WORKER, state)
+        if rescued:
+            self.webhooks.wake()
+
+    async def purge_finished_jobs(self) -> int:
+        """Delete jobs (and their logs) finished longer ago than the retention."""
+        if not self._settings.retention:
+            return 0
+        cutoff = utc_now() - self._settings.retention
+        total = 0
+        while True:
+            async with self._sessions() as session:
+                purged = await store.purge_finished_jobs(session=session, finished_before=cutoff)
+            total += purged
+            if purged < store.PURGE_BATCH_SIZE:
+                break
+        if total:
+            logger.info("purged %d jobs finished before %s", total, cutoff.isoformat())
+        return total
 
     def _next_run_after(self, failed_attempt: int) -> datetime:
         """Exponential backoff with jitter, so retries of many jobs do not come in waves."""

@@ -20,8 +20,16 @@ from aiodocker.containers import DockerContainer
 from aiodocker.exceptions import DockerError
 
 from app.errors import ContainerGone, EngineError, EngineUnreachable, ImageNotFound
-from app.models import AppliedLimits
+from app.models import AppliedLimits, ResourceReport
 from app.settings import MIB, Settings
+from app.worker.resources import (
+    StatsSampler,
+    follow_stats,
+    image_digest,
+    resource_report,
+    stop_sampling,
+)
+from app.worker.stdin import STDIN_CONFIG, attach_stdin, write_stdin
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +43,11 @@ CANNOT_CONNECT = 900
 
 # How long the log readers may lag behind the container's exit before we stop waiting.
 LOG_DRAIN_SECONDS = 30.0
+
+# How long a container runs before its stats are read. Reading from the start costs a
+# trivial job nothing measurable (scripts/measure_stats_cost.py), and gives jobs of
+# under a second their figures too.
+STATS_DELAY_SECONDS = 0.0
 
 T = TypeVar("T")
 Stream = Literal["stdout", "stderr"]
@@ -54,6 +67,8 @@ class JobSpec:
     cpu_shares: int
     memory_mb: int
     timeout_seconds: int
+    # Written to the container's stdin, which is then closed; None: stdin is empty.
+    stdin: str | None = None
 
 
 class StopReason(StrEnum):
@@ -73,6 +88,9 @@ class ContainerRun:
     stderr: str
     output_truncated: bool
     limits: AppliedLimits
+    # Wall time, CPU time and peak memory where the engine reported them; the image run.
+    # (None only from runners that know nothing of it, like the tests' fakes.)
+    resources: ResourceReport | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +134,8 @@ class OutputCapture:
 
 
 OnCreated = Callable[[str, AppliedLimits], Awaitable[None]]
+# Called with each piece of output as it is kept (never anything past the cap).
+OnOutput = Callable[[Stream, str], None]
 
 
 class _DockerClient(aiodocker.Docker):
@@ -133,13 +153,14 @@ def engine_url(settings: Settings) -> str:
 def create_docker_client(settings: Settings) -> aiodocker.Docker:
     """One client for the whole process, its connection pool sized for the workers.
 
-    Each running job holds three long requests (wait and two log streams).
+    Each running job holds up to five long requests (wait, two log streams, the stats
+    stream, and its stdin while that is being written).
     """
     url = engine_url(settings)
     timeout = aiohttp.ClientTimeout(total=None, connect=10.0)
     if url.startswith("unix://"):
         connector = aiohttp.UnixConnector(
-            path=url.removeprefix("unix://"), limit=settings.workers * 4 + 20
+            path=url.removeprefix("unix://"), limit=settings.workers * 6 + 20
         )
         return _DockerClient(url="unix://localhost", connector=connector, timeout=timeout)
     return aiodocker.Docker(url=url, timeout=timeout)
@@ -169,6 +190,8 @@ class ContainerRunner:
         self._settings = settings
         self._worker_id = worker_id
         self._instance_id = instance_id
+        # Containers' stdin writers, from their start until _supervise takes them over.
+        self._stdin_writers: dict[str, asyncio.Task[None]] = {}
 
     async def run(
         self,
@@ -177,6 +200,7 @@ class ContainerRunner:
         cancel: asyncio.Event,
         detach: asyncio.Event,
         on_created: OnCreated,
+        on_output: OnOutput | None = None,
     ) -> ContainerRun:
         """Run the job to its end. Raises ImageNotFound, EngineUnreachable or EngineError.
 
@@ -184,7 +208,9 @@ class ContainerRunner:
         leaves the container running for a later `attach`.
         """
         with self._engine_errors():
-            return await self._run(spec, cancel=cancel, detach=detach, on_created=on_created)
+            return await self._run(
+                spec, cancel=cancel, detach=detach, on_created=on_created, on_output=on_output
+            )
 
     async def _engine_accepts_connections(self) -> bool:
         """Whether a new connection to a local engine's socket is accepted."""
@@ -233,6 +259,7 @@ class ContainerRunner:
         cancel: asyncio.Event,
         detach: asyncio.Event,
         on_created: OnCreated,
+        on_output: OnOutput | None = None,
     ) -> ContainerRun:
         await self._ensure_image(spec.image)
         container = await self._create(spec)
@@ -240,10 +267,12 @@ class ContainerRunner:
         async def start() -> AppliedLimits:
             limits = self._applied_limits(await self._call(container.show()), spec)
             await on_created(container.id, limits)
-            await self._call(container.start())
+            await self._start(container, spec.stdin)
             return limits
 
-        return await self._supervise(container, cancel, detach, start, timeout=spec.timeout_seconds)
+        return await self._supervise(
+            container, cancel, detach, start, timeout=spec.timeout_seconds, on_output=on_output
+        )
 
     async def attach(
         self,
@@ -253,6 +282,7 @@ class ContainerRunner:
         cancel: asyncio.Event,
         detach: asyncio.Event,
         running_for: float,
+        on_output: OnOutput | None = None,
     ) -> ContainerRun:
         """Take over a job container that an earlier worker started, and see it to its end.
 
@@ -263,14 +293,18 @@ class ContainerRunner:
 
         async def start() -> AppliedLimits:
             info = await self._call(container.show())
+            limits = self._applied_limits(info, spec)
             if info["State"]["Status"] == "created":
-                # The earlier worker stopped between create and start.
-                await self._call(container.start())
-            return self._applied_limits(info, spec)
+                # The earlier worker stopped between create and start: stdin is still
+                # unwritten (it is attached before the start), so it is written now.
+                await self._start(container, spec.stdin)
+            return limits
 
         remaining = max(0.0, spec.timeout_seconds - running_for)
         with self._engine_errors():
-            return await self._supervise(container, cancel, detach, start, timeout=remaining)
+            return await self._supervise(
+                container, cancel, detach, start, timeout=remaining, on_output=on_output
+            )
 
     async def _supervise(
         self,
@@ -280,18 +314,33 @@ class ContainerRunner:
         start: Callable[[], Awaitable[AppliedLimits]],
         *,
         timeout: float,
+        on_output: OnOutput | None = None,
     ) -> ContainerRun:
-        """Wait for a container, collect its output, and remove it, unless told to detach."""
+        """Wait for a container, collect its output, and remove it, unless told to detach.
+
+        `on_output` sees the output as the followers read it; the final reading in the
+        result may be longer (see `_complete`)."""
         tasks: list[asyncio.Task[Any]] = []
         try:
             limits = await start()
+            sampler = StatsSampler()
+            sampling = asyncio.create_task(
+                follow_stats(self._docker, container.id, sampler, delay=STATS_DELAY_SECONDS),
+                name="stats",
+            )
+            tasks.append(sampling)
             outputs = [
-                asyncio.create_task(self._capture(container, stream), name=f"log-{stream}")
+                asyncio.create_task(
+                    self._capture(container, stream, on_output), name=f"log-{stream}"
+                )
                 for stream in STREAMS
             ]
             tasks.extend(outputs)
             stop_reason, status = await self._wait(container, timeout, cancel, tasks)
-            state = (await self._call(container.show()))["State"]
+            # Past the exit the engine has no more figures; the reader must not delay us.
+            await stop_sampling(sampling)
+            info = await self._call(container.show())
+            state = info["State"]
             done, _ = await asyncio.wait(outputs, timeout=LOG_DRAIN_SECONDS)
             stdout, stderr = [
                 await self._complete(container, stream, task.result() if task in done else None)
@@ -318,18 +367,51 @@ class ContainerRunner:
                 stderr=stderr.text,
                 output_truncated=stdout.truncated or stderr.truncated,
                 limits=limits,
+                resources=resource_report(
+                    info, sampler, await self._image_digest(info.get("Image"))
+                ),
             )
         except DockerError as exc:
             if await self._is_gone(container, exc):
                 raise ContainerGone() from exc
             raise
         finally:
+            if (writer := self._stdin_writers.pop(container.id, None)) is not None:
+                tasks.append(writer)
             for task in tasks:
                 task.cancel()
             if detach.is_set():
                 await asyncio.gather(*tasks, return_exceptions=True)
             else:
                 await finish_despite_cancel(self._cleanup(container, tasks))
+
+    async def _start(self, container: DockerContainer, stdin: str | None) -> None:
+        """Start a container; a job's stdin is attached first, then written beside it.
+
+        The writer is never waited for (a program may exit without reading its input):
+        _supervise cancels it when the container's run ends.
+        """
+        if not stdin:
+            await self._call(container.start())
+            return
+        stream = await self._call(attach_stdin(container))
+        try:
+            await self._call(container.start())
+        except BaseException:
+            await stream.close()
+            raise
+        self._stdin_writers[container.id] = asyncio.create_task(
+            write_stdin(stream, stdin.encode(), container.id), name="stdin"
+        )
+
+    async def _image_digest(self, image_id: str | None) -> str | None:
+        if not image_id:
+            return None
+        try:
+            return await self._call(image_digest(self._docker, image_id))
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            logger.debug("no digest for image %s: %r", image_id, exc)
+            return None
 
     async def _is_gone(self, container: DockerContainer, error: DockerError) -> bool:
         """Whether an engine error means someone removed the container under us."""
@@ -411,6 +493,8 @@ class ContainerRunner:
                 },
             },
         }
+        if spec.stdin:
+            config.update(STDIN_CONFIG)
         if spec.command is not None:
             config["Cmd"] = spec.command
         if spec.working_dir is not None:
@@ -490,7 +574,9 @@ class ContainerRunner:
             return stored
         return followed
 
-    async def _capture(self, container: DockerContainer, stream: Stream) -> OutputCapture:
+    async def _capture(
+        self, container: DockerContainer, stream: Stream, on_output: OnOutput | None = None
+    ) -> OutputCapture:
         """Read one stream to its end as it is written; store only up to the cap.
 
         Past the cap the rest is read and dropped: leaving the stream early would leak
@@ -505,7 +591,11 @@ class ContainerRunner:
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
                 if not capture.truncated:
+                    kept = len(capture.parts)
                     capture.feed(chunk)
+                    if on_output is not None:
+                        for part in capture.parts[kept:]:
+                            on_output(stream, part)
         return capture
 
     async def remove_container(self, container_id: str) -> None:

@@ -21,7 +21,14 @@ from app.models import AppliedLimits, Job, JobCreate, JobResult, JobState
 from app.settings import MIB, Settings
 from app.worker import pool as pool_module
 from app.worker.pool import WorkerPool, result_of, should_retry
-from app.worker.runner import ContainerRun, JobSpec, LabelledContainer, OnCreated, StopReason
+from app.worker.runner import (
+    ContainerRun,
+    JobSpec,
+    LabelledContainer,
+    OnCreated,
+    OnOutput,
+    StopReason,
+)
 
 DEADLINE = 30.0
 TERMINAL = {s for s in JobState if s.is_terminal}
@@ -92,6 +99,8 @@ class FakeRunner:
         self.attached: list[tuple[str, uuid.UUID]] = []
         self.detached: set[uuid.UUID] = set()
         self.engine_up = True
+        # Each run's output sink, for behaviours that print while they run.
+        self.sinks: dict[uuid.UUID, OnOutput] = {}
 
     async def run(
         self,
@@ -100,8 +109,11 @@ class FakeRunner:
         cancel: asyncio.Event,
         detach: asyncio.Event,
         on_created: OnCreated,
+        on_output: OnOutput | None = None,
     ) -> ContainerRun:
         self.specs.append(spec)
+        if on_output is not None:
+            self.sinks[spec.job_id] = on_output
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
@@ -126,8 +138,11 @@ class FakeRunner:
         cancel: asyncio.Event,
         detach: asyncio.Event,
         running_for: float,
+        on_output: OnOutput | None = None,
     ) -> ContainerRun:
         self.attached.append((container_id, spec.job_id))
+        if on_output is not None:
+            self.sinks[spec.job_id] = on_output
         return await self.behaviour(spec, cancel)
 
     async def engine_answers(self) -> bool:
@@ -710,11 +725,14 @@ async def test_a_job_that_cannot_reach_the_engine_waits_in_the_queue(
             cancel: asyncio.Event,
             detach: asyncio.Event,
             on_created: OnCreated,
+            on_output: OnOutput | None = None,
         ) -> ContainerRun:
             self.tries += 1
             if not self.engine_up:
                 raise EngineUnreachable("Docker engine unreachable: connection refused")
-            return await super().run(spec, cancel=cancel, detach=detach, on_created=on_created)
+            return await super().run(
+                spec, cancel=cancel, detach=detach, on_created=on_created, on_output=on_output
+            )
 
     runner = EngineThatGoesDown(finish_at_once)
     runner.engine_up = False
