@@ -1,0 +1,7 @@
+"""`python -m bench`: see bench/run.py."""
+
+import sys
+
+from bench.run import cli
+
+sys.exit(cli())

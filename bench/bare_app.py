@@ -1,0 +1,50 @@
+"""The framework limit: a bare FastAPI app served exactly as `jobdock serve` serves Jobdock.
+
+    python -m bench.bare_app --port 8001
+
+Same uvicorn options as app/cli.py serve (log level info, so access logs are on, and the
+same graceful-shutdown timeout), same logging configuration, one process.
+"""
+
+import argparse
+import logging
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+CONSTANT = {"status": "ok", "service": "bare", "answer": 42}
+
+app = FastAPI(title="bare")
+
+
+@app.get("/constant")
+async def constant() -> dict[str, Any]:
+    return CONSTANT
+
+
+@app.post("/constant", status_code=202)
+async def constant_post() -> dict[str, Any]:
+    return CONSTANT
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=5,
+    )
+
+
+if __name__ == "__main__":
+    main()

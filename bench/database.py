@@ -1,0 +1,302 @@
+"""Part 4: claim-and-finish cycles per second through the store, against the same SQL raw.
+
+A cycle is what a worker does around one job: `app.store.claim_next_job` (one atomic
+UPDATE ... RETURNING of the best queued job, committed) and `app.store.finish_job` (the
+conditional terminal UPDATE, committed), each in its own session as the pool does. The raw
+loop sends the very statements SQLAlchemy emits (captured from its log) with:
+  - `sqlite3` from the standard library, on a file with app/db.py's PRAGMAs (WAL,
+    synchronous=NORMAL, busy_timeout, foreign_keys);
+  - `asyncpg` on PostgreSQL (with the same pg_notify in the finishing transaction),
+    when `--database postgres`.
+Both sides start from a fresh, migrated database holding the same N queued jobs (inserted
+by the store, untimed); every job must end `succeeded` exactly once. Interleaved
+store/raw per round; medians of the rounds.
+"""
+
+import os
+import sqlite3
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+
+from app import store
+from app.db import asyncpg_dsn, create_engine, create_session_factory, upgrade_to_head
+from app.models import Job, JobCreate, JobResult, JobState
+from app.settings import Settings
+from bench.common import Database, Results, check, median, profiled
+
+WORKER = "bench-worker"
+LEASE_SECONDS = 30.0
+RESULT = JobResult(state=JobState.succeeded, exit_code=0, stdout="hi\n")
+
+RETURNING = (
+    "image, command, env, working_dir, cpu_shares, memory_mb, timeout_seconds, priority, "
+    "max_attempts, retry_on_exit_codes, labels, callback_url, id, state, run_after, attempt, "
+    "worker_id, lease_expires_at, cancel_requested, container_id, limits, attempts, exit_code, "
+    "stdout, stderr, output_truncated, error, resources, stdin, callback_state, "
+    "callback_next_at, callback_deliveries, idempotency_key, request_hash, created_at, "
+    "started_at, finished_at"
+)
+SQLITE_CLAIM = (
+    "UPDATE jobs SET state=?, attempt=(jobs.attempt + ?), worker_id=?, lease_expires_at=?, "
+    "started_at=? WHERE jobs.id = (SELECT jobs.id FROM jobs WHERE jobs.state = ? AND "
+    "jobs.run_after <= ? ORDER BY jobs.priority DESC, jobs.created_at ASC LIMIT ? OFFSET ?) "
+    f"AND jobs.state = ? RETURNING {RETURNING}"
+)
+SQLITE_FINISH = (
+    "UPDATE jobs SET state=?, lease_expires_at=?, exit_code=?, stdout=?, stderr=?, "
+    "output_truncated=?, error=?, resources=?, stdin=?, callback_state=CASE WHEN "
+    "(jobs.callback_url IS NOT NULL) THEN ? END, callback_next_at=CASE WHEN "
+    "(jobs.callback_url IS NOT NULL) THEN ? END, finished_at=? WHERE jobs.id = ? AND "
+    "jobs.worker_id = ? AND jobs.state = ? RETURNING id"
+)
+PG_CLAIM = (
+    "UPDATE jobs SET state=$1, attempt=(jobs.attempt + $2::INTEGER), worker_id=$3::VARCHAR, "
+    "lease_expires_at=$4::TIMESTAMP WITHOUT TIME ZONE, started_at=$5::TIMESTAMP WITHOUT TIME "
+    "ZONE WHERE jobs.id = (SELECT jobs.id FROM jobs WHERE jobs.state = $6 AND jobs.run_after "
+    "<= $7::TIMESTAMP WITHOUT TIME ZONE ORDER BY jobs.priority DESC, jobs.created_at ASC "
+    "LIMIT $8::INTEGER FOR UPDATE SKIP LOCKED) AND jobs.state = $9 RETURNING "
+    + ", ".join(f"jobs.{name.strip()}" for name in RETURNING.split(","))
+)
+PG_NOTIFY = "SELECT pg_notify($1::VARCHAR, $2::VARCHAR) AS pg_notify_1"
+PG_FINISH = (
+    "UPDATE jobs SET state=$1, lease_expires_at=$2::TIMESTAMP WITHOUT TIME ZONE, "
+    "exit_code=$3::INTEGER, stdout=$4::VARCHAR, stderr=$5::VARCHAR, "
+    "output_truncated=$6::BOOLEAN, error=$7::VARCHAR, resources=$8::JSON, stdin=$9::VARCHAR, "
+    "callback_state=CASE WHEN (jobs.callback_url IS NOT NULL) THEN $10::VARCHAR END, "
+    "callback_next_at=CASE WHEN (jobs.callback_url IS NOT NULL) THEN $11::TIMESTAMP WITH "
+    "TIME ZONE END, finished_at=$12::TIMESTAMP WITHOUT TIME ZONE WHERE jobs.id = $13::UUID "
+    "AND jobs.worker_id = $14::VARCHAR AND jobs.state = $15 RETURNING jobs.id"
+)
+
+
+async def prepared(url: str, jobs: int) -> None:
+    """A migrated database with `jobs` queued jobs, inserted by the store."""
+    engine = create_engine(url)
+    try:
+        await upgrade_to_head(engine)
+        sessions = create_session_factory(engine)
+        settings = Settings(max_queued=0)
+        job_in = JobCreate(image="jobdock-test-busybox:latest", command=["echo", "hi"])
+        for offset in range(0, jobs, 100):
+            async with sessions() as session:
+                await store.create_jobs(
+                    session=session, jobs_in=[job_in] * min(100, jobs - offset), settings=settings
+                )
+    finally:
+        await engine.dispose()
+
+
+async def count_succeeded(url: str) -> tuple[int, int]:
+    engine = create_engine(url)
+    try:
+        async with create_session_factory(engine)() as session:
+            done = (
+                await session.execute(
+                    select(func.count()).select_from(Job).where(Job.state == JobState.succeeded)  # type: ignore[arg-type]
+                )
+            ).scalar_one()
+            total = (await session.execute(select(func.count()).select_from(Job))).scalar_one()
+            return int(done), int(total)
+    finally:
+        await engine.dispose()
+
+
+async def through_store(url: str, jobs: int) -> float:
+    engine = create_engine(url)
+    try:
+        sessions = create_session_factory(engine)
+        cycles = 0
+        start = time.perf_counter()
+        while True:
+            async with sessions() as session:
+                job = await store.claim_next_job(
+                    session=session, worker_id=WORKER, lease_seconds=LEASE_SECONDS
+                )
+            if job is None:
+                break
+            async with sessions() as session:
+                written = await store.finish_job(
+                    session=session, job_id=job.id, worker_id=WORKER, result=RESULT
+                )
+            check(written, f"store: finish of {job.id} not written")
+            cycles += 1
+        elapsed = time.perf_counter() - start
+    finally:
+        await engine.dispose()
+    check(cycles == jobs, f"store: {cycles} cycles for {jobs} jobs")
+    return cycles / elapsed
+
+
+def _naive(instant: datetime) -> str:
+    return instant.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+
+
+def raw_sqlite(path: str, jobs: int) -> float:
+    connection = sqlite3.connect(path, timeout=30)
+    try:
+        for pragma in (
+            "PRAGMA journal_mode=WAL",
+            "PRAGMA synchronous=NORMAL",
+            "PRAGMA busy_timeout=30000",
+            "PRAGMA foreign_keys=ON",
+        ):
+            connection.execute(pragma)
+        cycles = 0
+        start = time.perf_counter()
+        while True:
+            now = datetime.now(UTC)
+            lease = now + timedelta(seconds=LEASE_SECONDS)
+            row = connection.execute(
+                SQLITE_CLAIM,
+                (
+                    "running",
+                    1,
+                    WORKER,
+                    _naive(lease),
+                    _naive(now),
+                    "queued",
+                    _naive(now),
+                    1,
+                    0,
+                    "queued",
+                ),
+            ).fetchone()
+            connection.commit()
+            if row is None:
+                break
+            job_id = row[12]
+            finished = datetime.now(UTC)
+            written = connection.execute(
+                SQLITE_FINISH,
+                (
+                    "succeeded",
+                    None,
+                    0,
+                    "hi\n",
+                    "",
+                    0,
+                    None,
+                    "null",
+                    None,
+                    "pending",
+                    _naive(finished),
+                    _naive(finished),
+                    job_id,
+                    WORKER,
+                    "running",
+                ),
+            ).fetchone()
+            connection.commit()
+            check(written is not None, f"raw sqlite3: finish of {job_id} not written")
+            cycles += 1
+        elapsed = time.perf_counter() - start
+    finally:
+        connection.close()
+    check(cycles == jobs, f"raw sqlite3: {cycles} cycles for {jobs} jobs")
+    return cycles / elapsed
+
+
+async def raw_asyncpg(url: str, jobs: int) -> float:
+    connection = await asyncpg.connect(asyncpg_dsn(url))  # type: ignore[no-untyped-call]
+    try:
+        cycles = 0
+        start = time.perf_counter()
+        while True:
+            now = datetime.now(UTC).replace(tzinfo=None)
+            async with connection.transaction():
+                row = await connection.fetchrow(
+                    PG_CLAIM,
+                    "running",
+                    1,
+                    WORKER,
+                    now + timedelta(seconds=LEASE_SECONDS),
+                    now,
+                    "queued",
+                    now,
+                    1,
+                    "queued",
+                )
+            if row is None:
+                break
+            job_id: uuid.UUID = row["id"]
+            finished = datetime.now(UTC)
+            async with connection.transaction():
+                await connection.execute(PG_NOTIFY, "jobdock_job_events", str(job_id))
+                written = await connection.fetchrow(
+                    PG_FINISH,
+                    "succeeded",
+                    None,
+                    0,
+                    "hi\n",
+                    "",
+                    False,
+                    None,
+                    "null",
+                    None,
+                    "pending",
+                    finished,
+                    finished.replace(tzinfo=None),
+                    job_id,
+                    WORKER,
+                    "running",
+                )
+            check(written is not None, f"raw asyncpg: finish of {job_id} not written")
+            cycles += 1
+        elapsed = time.perf_counter() - start
+    finally:
+        await connection.close()
+    check(cycles == jobs, f"raw asyncpg: {cycles} cycles for {jobs} jobs")
+    return cycles / elapsed
+
+
+async def run(
+    results: Results,
+    *,
+    workdir: Path,
+    database: Database,
+    jobs: int,
+    rounds: int,
+    profile_dir: Path | None = None,
+) -> None:
+    part = "4 database"
+    kinds = ["sqlite"] + (["postgres"] if database.kind == "postgres" else [])
+    for kind in kinds:
+        source = Database("sqlite") if kind == "sqlite" else database
+        ours: list[float] = []
+        raw: list[float] = []
+        for index in range(rounds):
+            url = await source.fresh_url(workdir)
+            await prepared(url, jobs)
+            profile = (
+                profile_dir / f"database-store-{kind}.txt"
+                if profile_dir is not None and index == 0
+                else None
+            )
+            with profiled(os.getpid(), profile, 600):
+                ours.append(await through_store(url, jobs))
+            check(await count_succeeded(url) == (jobs, jobs), "store: not every job succeeded")
+            url = await source.fresh_url(workdir)
+            await prepared(url, jobs)
+            if kind == "sqlite":
+                path = make_url(url).database
+                assert path is not None
+                raw.append(raw_sqlite(path, jobs))
+            else:
+                raw.append(await raw_asyncpg(url, jobs))
+            check(await count_succeeded(url) == (jobs, jobs), "raw: not every job succeeded")
+            print(f"  {kind}: store {ours[-1]:.0f}/s, raw {raw[-1]:.0f}/s", flush=True)
+        ratio = median(ours) / median(raw)
+        raw_name = "raw sqlite3" if kind == "sqlite" else "raw asyncpg"
+        results.add(
+            part,
+            f"{kind}: claim+finish cycles/s, store vs {raw_name} ({jobs} jobs); ratio",
+            f"{median(ours):.0f} vs {median(raw):.0f}; {ratio:.2f}",
+            ">= 0.25" if kind == "sqlite" else "",
+            ratio >= 0.25 if kind == "sqlite" else None,
+        )
