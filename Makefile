@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test test-postgres lint format engine test-image bench venv clean
+.PHONY: run test test-postgres fuzz lint format engine test-image bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ format: venv
 test-image: venv
 	scripts/ensure-engine.sh --test
 	$(BIN)/python -m tests.support.images
+
+## Fuzz every operation of the live OpenAPI spec with schemathesis (no jobs are run).
+fuzz: venv
+	scripts/fuzz-api.sh $(FUZZ_ARGS)
 
 ## Benchmarks (not part of the tests): Jobdock against the bare engine.
 bench: venv

@@ -35,9 +35,11 @@ from app.client import (
     LogEvent,
     ServerUnreachable,
 )
+from app.keys_cli import keys_cli
 from app.settings import Settings
 
 cli = typer.Typer(help="Jobdock: run jobs in Docker containers over HTTP.", no_args_is_help=True)
+cli.add_typer(keys_cli, name="keys")
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -81,9 +83,11 @@ def serve(
 
     _configure_logging(log_level)
     settings = _settings(workers)
+    # The address actually listened on: the app warns at start if it is exposed keyless.
+    settings = settings.model_copy(update={"host": host or settings.host})
     uvicorn.run(
         create_app(settings, run_workers=not no_workers),
-        host=host or settings.host,
+        host=settings.host,
         port=port or settings.port,
         log_level=log_level,
         # Requests in flight get a few seconds; the worker pool has its own grace period.
@@ -150,6 +154,15 @@ UrlOption = Annotated[
         help="Base URL of the Jobdock service.",
     ),
 ]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="JOBDOCK_API_KEY",
+        show_envvar=True,
+        help="API key, sent as `Authorization: Bearer`; needed once the service has keys.",
+    ),
+]
 JobId = Annotated[str, typer.Argument(help="The job's id, as `submit` printed it.")]
 
 
@@ -159,10 +172,10 @@ def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
 
 
 @contextmanager
-def _api(url: str) -> Iterator[JobdockClient]:
+def _api(url: str, api_key: str | None = None) -> Iterator[JobdockClient]:
     """A client for `url`; its errors become a message on stderr and an exit code."""
     try:
-        client = JobdockClient(url)
+        client = JobdockClient(url, api_key=api_key)
     except ClientError as exc:
         _fail(exc.message, EXIT_USAGE)
     try:
@@ -333,6 +346,7 @@ def submit(
         ),
     ] = False,
     url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Submit a job and print its id; with --wait or --follow, run it to the end."""
     job: dict[str, Any] = {"image": image}
@@ -354,7 +368,7 @@ def submit(
     if stdin_file is not None:
         job["stdin"] = _read_stdin_file(stdin_file)
 
-    with _api(url) as client:
+    with _api(url, api_key) as client:
         created = client.submit(job, idempotency_key=idempotency_key)
         job_id = str(created["id"])
         if not (wait or follow):
@@ -391,9 +405,10 @@ def get(
         typer.Option(help="Wait up to this many seconds for the job to finish first."),
     ] = None,
     url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Print a job, with its output, as JSON."""
-    with _api(url) as client:
+    with _api(url, api_key) as client:
         job = client.get(job_id, wait=wait)
     typer.echo(json.dumps(job, indent=2, ensure_ascii=False))
 
@@ -425,12 +440,13 @@ def list_jobs(
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the ids.")] = False,
     url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
 ) -> None:
     """List jobs, newest first."""
     labels = list(_pairs(label, "--label").items())
     state_value = None if state is None else state.value
     more = False
-    with _api(url) as client:
+    with _api(url, api_key) as client:
         if all_pages:
             jobs = list(
                 client.iter_jobs(
@@ -491,9 +507,10 @@ def logs(
     ] = False,
     stream: Annotated[Stream, typer.Option(help="Which output to show.")] = Stream.all,
     url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Print a job's output (stdout to stdout, stderr to stderr when following)."""
-    with _api(url) as client:
+    with _api(url, api_key) as client:
         if not follow:
             _write(client.logs(job_id, stream=stream.value))
             return
@@ -502,9 +519,9 @@ def logs(
 
 
 @cli.command()
-def cancel(job_id: JobId, url: UrlOption = DEFAULT_URL) -> None:
+def cancel(job_id: JobId, url: UrlOption = DEFAULT_URL, api_key: ApiKeyOption = None) -> None:
     """Cancel a queued or running job."""
-    with _api(url) as client:
+    with _api(url, api_key) as client:
         status, job = client.cancel(job_id)
     if status == 202:
         typer.echo(f"cancelling {job_id} (its container is being stopped)")
@@ -513,9 +530,9 @@ def cancel(job_id: JobId, url: UrlOption = DEFAULT_URL) -> None:
 
 
 @cli.command()
-def delete(job_id: JobId, url: UrlOption = DEFAULT_URL) -> None:
+def delete(job_id: JobId, url: UrlOption = DEFAULT_URL, api_key: ApiKeyOption = None) -> None:
     """Delete a finished job and its output."""
-    with _api(url) as client:
+    with _api(url, api_key) as client:
         client.delete(job_id)
     typer.echo(f"deleted {job_id}")
 

@@ -103,10 +103,14 @@ class JobdockClient:
         *,
         timeout: float = REQUEST_TIMEOUT_SECONDS,
         transport: httpx.BaseTransport | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         try:
-            self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+            self._http = httpx.Client(
+                base_url=self.base_url, timeout=timeout, transport=transport, headers=headers
+            )
         except httpx.InvalidURL as exc:
             raise ClientError(f"{base_url!r} is not a valid URL: {exc}") from exc
 

@@ -54,3 +54,19 @@ class QueueFull(JobdockError):
 
 class IdempotencyKeyReused(JobdockError):
     """The Idempotency-Key was already used with a different request."""
+
+
+class QuotaExceeded(JobdockError):
+    """The API key has as many jobs queued or running as its quota allows."""
+
+    def __init__(self, message: str, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class ApiKeyNameTaken(JobdockError):
+    """An API key already has this name."""
+
+
+class ApiKeyNotFound(JobdockError):
+    """No API key has this name."""

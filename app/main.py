@@ -10,6 +10,8 @@ from fastapi import FastAPI
 from app import __version__
 from app.api import health, jobs, logs
 from app.api.errors import install_error_handlers
+from app.api.limits import install_request_limits
+from app.auth import warn_if_exposed
 from app.db import (
     JOB_EVENTS_CHANNEL,
     create_engine,
@@ -62,6 +64,8 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True) ->
             stack.push_async_callback(engine.dispose)
             await upgrade_to_head(engine)
             session_factory = create_session_factory(engine)
+            async with session_factory() as session:
+                await warn_if_exposed(session, settings.host)
             events = JobEvents()
             app.state.settings = settings
             app.state.session_factory = session_factory
@@ -85,4 +89,5 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True) ->
     app.include_router(logs.router)
 
     install_error_handlers(app)
+    install_request_limits(app, max_body_bytes=settings.max_request_bytes)
     return app

@@ -8,6 +8,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, HttpUrl, field_validator
+from pydantic_core import PydanticCustomError
 from sqlmodel import Field, SQLModel
 
 IMAGE_MAX_LENGTH = 255
@@ -36,6 +37,8 @@ LABEL_VALUE_MAX_LENGTH = 255
 CALLBACK_URL_MAX_LENGTH = 2048
 CALLBACK_URL = re.compile(r"^[hH][tT][tT][pP][sS]?://[^/?#\s]+(?:[/?#][^\s]*)?\Z")
 BATCH_MAX_JOBS = 100
+# An Idempotency-Key is at most 255 characters; stored scoped by its owner's id (32 hex + ":").
+IDEMPOTENCY_COLUMN_LENGTH = 320
 
 
 def utc_now() -> datetime:
@@ -87,6 +90,15 @@ class CallbackState(StrEnum):
     failed = "failed"
 
 
+def _is_unicode(text: str) -> bool:
+    """False for text with a lone surrogate ("\\ud800" in JSON): it cannot be stored or sent."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 # What a job asks to run; shared by the submission, the table and the response.
 class JobBase(SQLModel):
     image: str = Field(max_length=IMAGE_MAX_LENGTH)
@@ -94,6 +106,8 @@ class JobBase(SQLModel):
     env: dict[str, str] = Field(default_factory=dict, sa_type=sa.JSON)
     working_dir: str | None = Field(default=None, max_length=4096)
     cpu_shares: int | None = Field(default=None, ge=2, le=262144)
+    # A hard cap in CPUs (Docker's NanoCpus), beside the relative cpu_shares.
+    cpus: float | None = Field(default=None, ge=0.01)
     memory_mb: int | None = Field(default=None, ge=6)
     timeout_seconds: int | None = Field(default=None, ge=1)
     priority: int = Field(default=0, ge=-100, le=100)
@@ -115,6 +129,7 @@ class JobCreate(JobBase):
                     "env": {"GREETING": "hello"},
                     "working_dir": "/tmp",
                     "cpu_shares": 512,
+                    "cpus": 0.5,
                     "memory_mb": 256,
                     "timeout_seconds": 30,
                     "priority": 0,
@@ -142,10 +157,10 @@ class JobCreate(JobBase):
                     f"label key {key!r} is not valid (1-63 letters, digits, '.', '_', '/', '-', "
                     "starting and ending with a letter or digit; no ':')"
                 )
-            if len(value) > LABEL_VALUE_MAX_LENGTH or "\x00" in value:
+            if len(value) > LABEL_VALUE_MAX_LENGTH or "\x00" in value or not _is_unicode(value):
                 raise ValueError(
                     f"label {key}: the value must be at most {LABEL_VALUE_MAX_LENGTH} "
-                    "characters without NUL bytes"
+                    "characters of valid Unicode without NUL bytes"
                 )
         return labels
 
@@ -157,7 +172,7 @@ class JobCreate(JobBase):
         try:
             # The raw text too: pydantic repairs "http:///x" or a trailing newline, an HTTP
             # client does not, and the URL is stored as given.
-            if not CALLBACK_URL.match(url):
+            if not CALLBACK_URL.match(url) or not url.isprintable() or not _is_unicode(url):
                 raise ValueError
             parsed = HttpUrl(url)
         except ValueError:
@@ -168,15 +183,32 @@ class JobCreate(JobBase):
             raise ValueError("callback_url must not carry credentials; the body is signed")
         return url
 
+    @field_validator(
+        "cpu_shares",
+        "memory_mb",
+        "timeout_seconds",
+        "priority",
+        "max_attempts",
+        "retry_on_exit_codes",
+        mode="before",
+    )
+    @classmethod
+    def _json_integers_only(cls, value: Any) -> Any:
+        """Integers as JSON has them: no `true` for 1 and no "5" for 5, as the schema says."""
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, bool | str):
+                raise PydanticCustomError("int_type", "Input should be a valid integer")
+        return value
+
     @field_validator("stdin")
     @classmethod
     def _stdin_has_no_surrogates(cls, stdin: str | None) -> str | None:
         if stdin is None:
             return None
-        try:
-            stdin.encode()
-        except UnicodeEncodeError:
-            raise ValueError("stdin must be valid Unicode text") from None
+        # No NUL either: a PostgreSQL text column cannot hold one, and each backend must
+        # accept the same jobs.
+        if not _is_unicode(stdin) or "\x00" in stdin:
+            raise ValueError("stdin must be valid Unicode text without NUL bytes")
         return stdin
 
     @field_validator("image")
@@ -261,6 +293,11 @@ class AppliedLimits(BaseModel):
     timeout_seconds: int
     output_limit_bytes: int
     network_mode: str
+    # Hardening read back too; None on jobs recorded before these were reported.
+    nano_cpus: int | None = None
+    read_only_rootfs: bool | None = None
+    # The user the container runs as; "" is the image's own USER.
+    user: str | None = None
 
 
 # What a finished attempt used, where the engine could tell.
@@ -304,6 +341,7 @@ class Job(JobBase, table=True):
         sa.Index("ix_jobs_finished_at", "finished_at"),
         sa.Index("ix_jobs_callback", "callback_state", "callback_next_at"),
         sa.Index("ux_jobs_idempotency_key", "idempotency_key", unique=True),
+        sa.Index("ix_jobs_owner", "owner", "created_at"),
     )
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
@@ -352,8 +390,11 @@ class Job(JobBase, table=True):
     )
     callback_next_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     callback_deliveries: list[dict[str, Any]] | None = Field(default=None, sa_type=sa.JSON)
+    # The API key that submitted the job (None: submitted while no key was configured).
+    owner: uuid.UUID | None = Field(default=None)
     # POST /jobs with an Idempotency-Key: the key and a hash of the request it came with.
-    idempotency_key: str | None = Field(default=None, max_length=255)
+    # Stored as "<owner hex>:<key>" for a job with an owner, so tenants never collide.
+    idempotency_key: str | None = Field(default=None, max_length=IDEMPOTENCY_COLUMN_LENGTH)
     request_hash: str | None = Field(default=None, max_length=64)
 
     created_at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime)
@@ -459,3 +500,22 @@ class Instance(SQLModel, table=True):
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
     created_at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime)
+
+
+# A caller's API key: only its SHA-256 is stored; the key itself is shown once at creation.
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        sa.Index("ux_api_keys_name", "name", unique=True),
+        sa.Index("ux_api_keys_key_hash", "key_hash", unique=True),
+    )
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4, primary_key=True)
+    name: str = Field(max_length=64)
+    key_hash: str = Field(max_length=64)
+    admin: bool = Field(default=False)
+    # At most this many of the key's jobs queued / running at once (None: no limit).
+    max_queued: int | None = Field(default=None)
+    max_running: int | None = Field(default=None)
+    created_at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime)
+    revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)

@@ -1,14 +1,15 @@
 """Every setting of Jobdock, read once from `JOBDOCK_*` environment variables."""
 
+import json
 import os
 import re
 import socket
 from datetime import timedelta
 from functools import lru_cache
-from typing import Self
+from typing import Annotated, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIB = 1024 * 1024
 DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\Z")
@@ -53,6 +54,30 @@ class Settings(BaseSettings):
     max_timeout_seconds: int = Field(default=3600, ge=1)
     pids_limit: int = Field(default=256, ge=8)
     output_limit_bytes: int = Field(default=MIB, ge=1024)
+
+    # Container hardening (see README "Security"). Only the operator can widen these.
+    # Images a job may name: fnmatch patterns on the reference as submitted, matched
+    # case-sensitively; env as a JSON list or comma-separated ("registry.local/*,busybox:*").
+    allowed_images: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["*"])
+    # A hard CPU cap per job (NanoCpus = cpus * 1e9), beside the relative cpu_shares.
+    # The engine refuses more than the CPUs of its host.
+    default_cpus: float = Field(default=1.0, ge=0.01)
+    max_cpus: float = Field(default_factory=lambda: float(os.cpu_count() or 1), ge=0.01)
+    # The root filesystem is read-only; /tmp is a tmpfs of this size (counted in the
+    # job's memory), mounted nosuid,nodev but exec, so a job may run scripts it writes.
+    read_only_rootfs: bool = True
+    tmp_size_mb: int = Field(default=64, ge=1)
+    # The user (uid:gid, or a name the image knows) every job runs as. With
+    # allow_image_user the container gets no User and runs as the image's own USER,
+    # which is root for an image that declares none.
+    job_user: str = Field(default="65534:65534", min_length=1, max_length=255)
+    allow_image_user: bool = False
+    # Per-process ulimits (soft = hard, so a job cannot raise them).
+    ulimit_nofile: int = Field(default=1024, ge=16)
+    ulimit_fsize_mb: int = Field(default=64, ge=1)
+    # Docker networks a job may be attached to; jobs get "none" (loopback only).
+    # "host" and "container:<id>" are refused: they share a namespace of the host.
+    allowed_networks: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["none"])
     # Size of the engine's own json-file log per container (disk, not service memory).
     engine_log_max_bytes: int = Field(default=64 * MIB, ge=MIB)
     pull_timeout_seconds: float = Field(default=300.0, gt=0)
@@ -60,6 +85,9 @@ class Settings(BaseSettings):
     engine_call_timeout_seconds: float = Field(default=60.0, gt=0)
     # Largest `stdin` a job may carry, in bytes of UTF-8.
     stdin_max_bytes: int = Field(default=MIB, ge=0)
+    # Largest request body, in bytes (413 above it). It bounds a batch too: the default
+    # admits one job with the largest stdin even if its JSON escapes every character 3x.
+    max_request_bytes: int = Field(default=4 * MIB, ge=1024)
 
     # GET /jobs/{id}?wait= waits at most this long; longer asks are shortened to it.
     wait_max_seconds: float = Field(default=60.0, ge=0)
@@ -92,8 +120,36 @@ class Settings(BaseSettings):
                 return timedelta(seconds=number * DURATION_UNITS[unit])
         return value
 
+    @field_validator("allowed_images", "allowed_networks", mode="before")
+    @classmethod
+    def _name_list(cls, value: object) -> object:
+        """A JSON list, or names separated by commas (blanks around them ignored)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    @field_validator("allowed_images", "allowed_networks")
+    @classmethod
+    def _not_empty(cls, names: list[str]) -> list[str]:
+        if not names or not all(names):
+            raise ValueError("must name at least one, and no empty names")
+        return names
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _no_host_namespaces(cls, networks: list[str]) -> list[str]:
+        for network in networks:
+            if network == "host" or network.startswith("container:"):
+                raise ValueError(f"network {network!r} shares a host namespace; never allowed")
+        return networks
+
     @model_validator(mode="after")
     def _defaults_within_caps(self) -> Self:
+        if self.default_cpus > self.max_cpus:
+            raise ValueError("default_cpus must not exceed max_cpus")
         if self.default_memory_mb > self.max_memory_mb:
             raise ValueError("default_memory_mb must not exceed max_memory_mb")
         if self.default_timeout_seconds > self.max_timeout_seconds:

@@ -30,13 +30,14 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import httpx
 
 from app import __version__
+from app.aio import finish_despite_cancel
 from app.db import SessionFactory
 from app.models import CallbackState, Job, JobPublic, WebhookDelivery, utc_now
 from app.settings import Settings
@@ -134,16 +135,6 @@ def next_state(
     # Jitter, so webhooks of many jobs failing together are not retried in waves.
     delay = retry_delay_seconds(delivery.attempt, settings) * random.uniform(0.5, 1.0)
     return CallbackState.pending, (now or utc_now()) + timedelta(seconds=delay)
-
-
-async def _finish_despite_cancel(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a write to the end even if the caller is being cancelled, then re-raise."""
-    task = asyncio.ensure_future(coro)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
 
 
 # -- the deliverer ---------------------------------------------------------------------------
@@ -276,11 +267,11 @@ class WebhookDeliverer:
         try:
             delivery = await self.attempt(client, job)
         except asyncio.CancelledError:
-            await _finish_despite_cancel(self._release(job))
+            await finish_despite_cancel(self._release(job))
             raise
         state, next_at = next_state(delivery, self._settings)
         try:
-            written = await _finish_despite_cancel(self._record(job, delivery, state, next_at))
+            written = await finish_despite_cancel(self._record(job, delivery, state, next_at))
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -34,13 +34,13 @@ OPERATIONS = {
 }
 # The error answers each operation can give, and so must document.
 EXPECTED_ERRORS = {
-    "submit_job": {"422", "503"},
-    "submit_jobs": {"422", "503"},
-    "list_jobs": {"422"},
-    "get_job": {"404", "422"},
-    "cancel_job": {"404", "409"},
-    "delete_job": {"404", "409"},
-    "get_job_logs": {"404", "422"},
+    "submit_job": {"401", "422", "429", "503"},
+    "submit_jobs": {"401", "422", "429", "503"},
+    "list_jobs": {"401", "422"},
+    "get_job": {"401", "404", "422"},
+    "cancel_job": {"401", "404", "409"},
+    "delete_job": {"401", "404", "409"},
+    "get_job_logs": {"401", "404", "422"},
 }
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 PACKAGE = "jobdock_client"
@@ -139,8 +139,18 @@ async def test_errors_are_documented_with_a_schema(spec: dict[str, Any], operati
 
 async def test_queue_full_documents_retry_after(spec: dict[str, Any]) -> None:
     for operation_id in ("submit_job", "submit_jobs"):
-        answer = operation(spec, operation_id)["responses"]["503"]
-        assert "Retry-After" in answer.get("headers", {}), operation_id
+        for code in ("503", "429"):
+            answer = operation(spec, operation_id)["responses"][code]
+            assert "Retry-After" in answer.get("headers", {}), (operation_id, code)
+
+
+async def test_every_job_operation_takes_a_bearer_key(spec: dict[str, Any]) -> None:
+    schemes = spec["components"]["securitySchemes"]
+    bearer = [name for name, scheme in schemes.items() if scheme.get("scheme") == "bearer"]
+    assert bearer, schemes
+    for operation_id in OPERATIONS:
+        security = operation(spec, operation_id).get("security", [])
+        assert any(bearer[0] in requirement for requirement in security), operation_id
 
 
 @pytest.mark.parametrize("operation_id", ["submit_job", "submit_jobs"])

@@ -100,6 +100,9 @@ async def test_cpu_shares_and_memory_limit_are_applied(service: Service, test_im
         "timeout_seconds": 300,
         "output_limit_bytes": MIB,
         "network_mode": "none",
+        "nano_cpus": 10**9,
+        "read_only_rootfs": True,
+        "user": "65534:65534",
     }
 
 

@@ -16,6 +16,7 @@ from app.errors import (
     JobNotFound,
     JobStillActive,
     QueueFull,
+    QuotaExceeded,
 )
 from app.models import JobCreate
 
@@ -24,6 +25,7 @@ ERROR_STATUS: dict[type[JobdockError], int] = {
     JobAlreadyFinished: status.HTTP_409_CONFLICT,
     JobStillActive: status.HTTP_409_CONFLICT,
     QueueFull: status.HTTP_503_SERVICE_UNAVAILABLE,
+    QuotaExceeded: status.HTTP_429_TOO_MANY_REQUESTS,
 }
 # Domain errors about one input: answered as 422 in the shape of FastAPI's validation
 # errors, so every 422 a client meets parses the same way.
@@ -78,7 +80,11 @@ async def domain_error(request: Request, exc: Exception) -> JSONResponse:
         (code for kind, code in ERROR_STATUS.items() if isinstance(exc, kind)),
         status.HTTP_500_INTERNAL_SERVER_ERROR,
     )
-    headers = {"Retry-After": str(exc.retry_after_seconds)} if isinstance(exc, QueueFull) else None
+    headers = (
+        {"Retry-After": str(exc.retry_after_seconds)}
+        if isinstance(exc, QueueFull | QuotaExceeded)
+        else None
+    )
     return JSONResponse({"detail": exc.message}, status_code=code, headers=headers)
 
 

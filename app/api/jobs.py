@@ -1,14 +1,18 @@
 """The /jobs routes: thin adapters from HTTP to app.store and the worker pool."""
 
 import asyncio
+import re
 from datetime import UTC, datetime
+from fnmatch import fnmatchcase
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
+from pydantic import BeforeValidator
 
 from app import store
-from app.api.deps import EventsDep, PoolDep, SessionDep, SettingsDep
+from app.api.deps import EventsDep, PoolDep, PrincipalDep, SessionDep, SettingsDep
+from app.auth import owner_filter, owner_of_new_jobs
 from app.events import wait_for_change
 from app.models import (
     LABEL_KEY,
@@ -23,15 +27,31 @@ from app.models import (
 )
 from app.settings import Settings
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
-
 Responses = dict[int | str, dict[str, Any]]
+
+UNAUTHORIZED: Responses = {
+    401: {
+        "model": ErrorBody,
+        "description": "API keys are configured and the request has none, or not a valid one",
+        "headers": {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
+    }
+}
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=UNAUTHORIZED)
 
 NOT_FOUND: Responses = {404: {"model": ErrorBody, "description": "No job has this id"}}
 QUEUE_FULL: Responses = {
     503: {
         "model": ErrorBody,
         "description": "Too many jobs are queued; retry after the `Retry-After` seconds",
+        "headers": {
+            "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
+        },
+    }
+}
+QUOTA_EXCEEDED: Responses = {
+    429: {
+        "model": ErrorBody,
+        "description": "The API key's quota of queued jobs is used; retry after `Retry-After`",
         "headers": {
             "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
         },
@@ -55,8 +75,29 @@ def _cap_errors(job_in: JobCreate, settings: Settings, loc: tuple[Any, ...]) -> 
                 }
             )
 
+    if not any(fnmatchcase(job_in.image, pattern) for pattern in settings.allowed_images):
+        errors.append(
+            {
+                "type": "value_error",
+                "loc": (*loc, "image"),
+                "msg": (
+                    f"image {job_in.image!r} is not allowed on this service; allowed images "
+                    f"match {', '.join(settings.allowed_images)}"
+                ),
+                "input": job_in.image,
+            }
+        )
     if job_in.memory_mb is not None:
         cap("memory_mb", job_in.memory_mb, settings.max_memory_mb)
+    if job_in.cpus is not None and job_in.cpus > settings.max_cpus:
+        errors.append(
+            {
+                "type": "less_than_equal",
+                "loc": (*loc, "cpus"),
+                "msg": f"cpus may be at most {settings.max_cpus:g} on this service",
+                "input": job_in.cpus,
+            }
+        )
     if job_in.timeout_seconds is not None:
         cap("timeout_seconds", job_in.timeout_seconds, settings.max_timeout_seconds)
     if job_in.stdin is not None:
@@ -116,6 +157,17 @@ def _parse_labels(raw: list[str]) -> dict[str, str]:
     return labels
 
 
+def _iso_8601_only(value: object) -> object:
+    """The spec's date-time: pydantic would also read a bare number as Unix time."""
+    if isinstance(value, str) and not ISO_8601_START.match(value):
+        raise ValueError("must be an ISO 8601 date-time, e.g. 2026-01-31T12:00:00Z")
+    return value
+
+
+ISO_8601_START = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ]")
+Instant = Annotated[datetime, BeforeValidator(_iso_8601_only)]
+
+
 def _utc(instant: datetime | None) -> datetime | None:
     """A query instant; one without a time zone is read as UTC."""
     if instant is None:
@@ -141,12 +193,14 @@ def _location(request: Request, job_id: object) -> str:
     responses={
         200: {"model": JobPublic, "description": "A repeat of an earlier request: its job"},
         **QUEUE_FULL,
+        **QUOTA_EXCEEDED,
     },
 )
 async def submit_job(
     job_in: JobCreate,
     request: Request,
     response: Response,
+    principal: PrincipalDep,
     session: SessionDep,
     settings: SettingsDep,
     pool: PoolDep,
@@ -161,7 +215,12 @@ async def submit_job(
 ) -> JobPublic:
     check_caps(job_in, settings)
     job, created = await store.create_job(
-        session=session, job_in=job_in, settings=settings, idempotency_key=idempotency_key
+        session=session,
+        job_in=job_in,
+        settings=settings,
+        idempotency_key=idempotency_key,
+        owner=owner_of_new_jobs(principal),
+        owner_max_queued=None if principal is None else principal.max_queued,
     )
     if created:
         if pool is not None:
@@ -182,10 +241,14 @@ async def submit_job(
         "All or nothing: if any job is invalid, the 422 names it by its index in `jobs` "
         "and none is queued. The answer lists the jobs in the order given."
     ),
-    responses=QUEUE_FULL,
+    responses={**QUEUE_FULL, **QUOTA_EXCEEDED},
 )
 async def submit_jobs(
-    batch: JobBatchCreate, session: SessionDep, settings: SettingsDep, pool: PoolDep
+    batch: JobBatchCreate,
+    principal: PrincipalDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    pool: PoolDep,
 ) -> JobBatch:
     errors = [
         error
@@ -194,7 +257,13 @@ async def submit_jobs(
     ]
     if errors:
         raise RequestValidationError(errors)
-    jobs = await store.create_jobs(session=session, jobs_in=batch.jobs, settings=settings)
+    jobs = await store.create_jobs(
+        session=session,
+        jobs_in=batch.jobs,
+        settings=settings,
+        owner=owner_of_new_jobs(principal),
+        owner_max_queued=None if principal is None else principal.max_queued,
+    )
     if pool is not None:
         pool.wake()
     return JobBatch(items=[JobPublic.model_validate(job) for job in jobs])
@@ -202,6 +271,7 @@ async def submit_jobs(
 
 @router.get("", operation_id="list_jobs", summary="List jobs, newest first")
 async def list_jobs(
+    principal: PrincipalDep,
     session: SessionDep,
     state: JobState | None = None,
     label: Annotated[
@@ -214,10 +284,10 @@ async def list_jobs(
     ] = [],  # noqa: B006 (FastAPI copies defaults)
     image: Annotated[str | None, Query(max_length=255, description="Exact image")] = None,
     created_after: Annotated[
-        datetime | None, Query(description="ISO 8601; without a zone, UTC")
+        Instant | None, Query(description="ISO 8601; without a zone, UTC")
     ] = None,
     created_before: Annotated[
-        datetime | None, Query(description="ISO 8601; without a zone, UTC")
+        Instant | None, Query(description="ISO 8601; without a zone, UTC")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
@@ -231,6 +301,7 @@ async def list_jobs(
         created_before=_utc(created_before),
         limit=limit,
         cursor=cursor,
+        owner=owner_filter(principal),
     )
     return JobPage(items=[JobSummary.model_validate(job) for job in jobs], next_cursor=next_cursor)
 
@@ -248,6 +319,7 @@ async def list_jobs(
 )
 async def get_job(
     job_id: str,
+    principal: PrincipalDep,
     session: SessionDep,
     settings: SettingsDep,
     events: EventsDep,
@@ -256,13 +328,16 @@ async def get_job(
     ] = None,
 ) -> JobPublic:
     uuid_ = store.parse_job_id(job_id)
+    owner = owner_filter(principal)
     if not wait:
-        return JobPublic.model_validate(await store.get_job(session=session, job_id=uuid_))
+        return JobPublic.model_validate(
+            await store.get_job(session=session, job_id=uuid_, owner=owner)
+        )
     deadline = asyncio.get_running_loop().time() + min(wait, settings.wait_max_seconds)
     with events.subscribe(uuid_) as changed:
         while True:
             changed.clear()
-            job = await store.get_job(session=session, job_id=uuid_)
+            job = await store.get_job(session=session, job_id=uuid_, owner=owner)
             # A read ends the transaction, so the next read sees later commits.
             await session.commit()
             remaining = deadline - asyncio.get_running_loop().time()
@@ -287,9 +362,16 @@ async def get_job(
     },
 )
 async def cancel_job(
-    job_id: str, response: Response, session: SessionDep, pool: PoolDep, events: EventsDep
+    job_id: str,
+    response: Response,
+    principal: PrincipalDep,
+    session: SessionDep,
+    pool: PoolDep,
+    events: EventsDep,
 ) -> JobPublic:
-    job = await store.cancel_job(session=session, job_id=store.parse_job_id(job_id))
+    job = await store.cancel_job(
+        session=session, job_id=store.parse_job_id(job_id), owner=owner_filter(principal)
+    )
     if job.state is JobState.running:
         response.status_code = status.HTTP_202_ACCEPTED
         if pool is not None:
@@ -311,6 +393,8 @@ async def cancel_job(
         409: {"model": ErrorBody, "description": "The job is queued or running"},
     },
 )
-async def delete_job(job_id: str, session: SessionDep) -> Response:
-    await store.delete_job(session=session, job_id=store.parse_job_id(job_id))
+async def delete_job(job_id: str, principal: PrincipalDep, session: SessionDep) -> Response:
+    await store.delete_job(
+        session=session, job_id=store.parse_job_id(job_id), owner=owner_filter(principal)
+    )
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -15,14 +15,16 @@ from fastapi.responses import PlainTextResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app import store
-from app.api.deps import EventsDep, SessionDep, SessionFactoryDep, SettingsDep
+from app.api.deps import EventsDep, PrincipalDep, SessionDep, SessionFactoryDep, SettingsDep
+from app.api.jobs import UNAUTHORIZED
+from app.auth import owner_filter
 from app.db import SessionFactory
 from app.errors import JobNotFound
 from app.events import JobEvents, wait_for_change
 from app.models import ErrorBody, LogChunk
 from app.store import logs as log_store
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=UNAUTHORIZED)
 
 NEXT_OFFSET_HEADER = "Jobdock-Next-Offset"
 # Chunks read per query while following; a long backlog is sent in pages.
@@ -72,6 +74,7 @@ async def _follow(
     offset: int,
     stream: str | None,
     poll_seconds: float,
+    owner: uuid.UUID | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """Send chunks as they are stored until the job has ended and all are sent.
 
@@ -85,7 +88,9 @@ async def _follow(
                 try:
                     # The state first: if the job had ended then, the chunks read next are
                     # all of them (the last ones are stored with the end state).
-                    status = await log_store.get_log_status(session=session, job_id=job_id)
+                    status = await log_store.get_log_status(
+                        session=session, job_id=job_id, owner=owner
+                    )
                 except JobNotFound:
                     return  # deleted while followed
                 chunks = await log_store.read_chunks(
@@ -119,7 +124,18 @@ async def _follow(
             "description": ("`text/plain` (follow=false) or `text/event-stream` (follow=true)"),
             "content": {
                 "text/plain": {"schema": {"type": "string"}},
-                "text/event-stream": {"schema": {"type": "string"}},
+                # One server-sent event: `log` or `end`, its data JSON (see above).
+                "text/event-stream": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["event", "data"],
+                        "properties": {
+                            "event": {"type": "string", "enum": ["log", "end"]},
+                            "data": {"type": "string"},
+                            "id": {"type": "string"},
+                        },
+                    }
+                },
             },
             "headers": {
                 NEXT_OFFSET_HEADER: {
@@ -133,6 +149,7 @@ async def _follow(
 )
 async def get_job_logs(
     job_id: str,
+    principal: PrincipalDep,
     session: SessionDep,
     sessions: SessionFactoryDep,
     settings: SettingsDep,
@@ -159,7 +176,9 @@ async def get_job_logs(
     if last_event_id is not None:
         offset = last_event_id
     only = None if stream == "all" else stream
-    status = await log_store.get_log_status(session=session, job_id=uuid_)
+    owner = owner_filter(principal)
+    # Checked first: another tenant's job is not found, and none of its chunks is read.
+    status = await log_store.get_log_status(session=session, job_id=uuid_, owner=owner)
     if follow:
         await session.close()
         return EventSourceResponse(
@@ -170,6 +189,7 @@ async def get_job_logs(
                 offset=offset,
                 stream=only,
                 poll_seconds=settings.poll_interval_seconds,
+                owner=owner,
             )
         )
     last = await log_store.last_seq(session=session, job_id=uuid_)

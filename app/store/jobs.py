@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import defer
+from sqlalchemy.orm import aliased, defer
 from sqlmodel import col
 
 from app.db import JOB_EVENTS_CHANNEL, SUBMISSIONS_CHANNEL
@@ -23,9 +23,11 @@ from app.errors import (
     JobNotFound,
     JobStillActive,
     QueueFull,
+    QuotaExceeded,
 )
 from app.models import (
     TERMINAL_STATES,
+    ApiKey,
     AppliedLimits,
     AttemptRecord,
     CallbackState,
@@ -73,6 +75,7 @@ def _new_job(job_in: JobCreate, settings: Settings) -> Job:
         job_in,
         update={
             "cpu_shares": job_in.cpu_shares or settings.default_cpu_shares,
+            "cpus": job_in.cpus or settings.default_cpus,
             "memory_mb": job_in.memory_mb or settings.default_memory_mb,
             "timeout_seconds": job_in.timeout_seconds or settings.default_timeout_seconds,
         },
@@ -93,6 +96,36 @@ async def _check_queue_room(session: AsyncSession, settings: Settings, adding: i
             f"{settings.max_queued}; retry later",
             retry_after_seconds=settings.queue_full_retry_after_seconds,
         )
+
+
+async def _check_owner_quota(
+    session: AsyncSession,
+    settings: Settings,
+    owner: uuid.UUID | None,
+    max_queued: int | None,
+    adding: int,
+) -> None:
+    """429 for a key whose queued jobs would exceed its quota."""
+    if owner is None or max_queued is None:
+        return
+    queued = (
+        await session.execute(
+            select(func.count())
+            .select_from(Job)
+            .where(col(Job.owner) == owner, col(Job.state) == JobState.queued)
+        )
+    ).scalar_one()
+    if queued + adding > max_queued:
+        raise QuotaExceeded(
+            f"this API key has {queued} jobs queued and may have at most {max_queued}; "
+            "retry when some have started",
+            retry_after_seconds=settings.queue_full_retry_after_seconds,
+        )
+
+
+def _scoped_key(owner: uuid.UUID | None, key: str) -> str:
+    """An Idempotency-Key as stored: scoped by its owner, so tenants never collide."""
+    return key if owner is None else f"{owner.hex}:{key}"
 
 
 async def _add_jobs(session: AsyncSession, jobs: Sequence[Job]) -> None:
@@ -121,8 +154,10 @@ async def _job_with_key(
         await session.commit()
         return None
     if job.request_hash != fingerprint:
+        # The caller's own key, not the owner-scoped form it is stored in.
+        shown = key if job.owner is None else key.removeprefix(f"{job.owner.hex}:")
         raise IdempotencyKeyReused(
-            f"the Idempotency-Key {key!r} was used for a different request (job {job.id}); "
+            f"the Idempotency-Key {shown!r} was used for a different request (job {job.id}); "
             "use a new key for a new job"
         )
     return job
@@ -134,27 +169,35 @@ async def create_job(
     job_in: JobCreate,
     settings: Settings,
     idempotency_key: str | None = None,
+    owner: uuid.UUID | None = None,
+    owner_max_queued: int | None = None,
 ) -> tuple[Job, bool]:
     """Queue a job. With an idempotency key already used for the same request, the job
-    it made is returned instead; the flag says whether a job was created."""
+    it made is returned instead; the flag says whether a job was created.
+
+    `owner` (the submitting API key) owns the job and scopes its idempotency key;
+    `owner_max_queued` is that key's quota of queued jobs."""
     fingerprint = request_hash(job_in)
-    if idempotency_key is not None:
-        existing = await _job_with_key(session, idempotency_key, fingerprint, settings)
+    stored_key = None if idempotency_key is None else _scoped_key(owner, idempotency_key)
+    if stored_key is not None:
+        existing = await _job_with_key(session, stored_key, fingerprint, settings)
         if existing is not None:
             return existing, False
+    await _check_owner_quota(session, settings, owner, owner_max_queued, 1)
     await _check_queue_room(session, settings, 1)
     job = _new_job(job_in, settings)
-    if idempotency_key is not None:
-        job.idempotency_key = idempotency_key
+    job.owner = owner
+    if stored_key is not None:
+        job.idempotency_key = stored_key
         job.request_hash = fingerprint
     try:
         await _add_jobs(session, [job])
     except IntegrityError:
         # The same key, submitted at the same moment by another request, won.
         await session.rollback()
-        if idempotency_key is None:
+        if stored_key is None:
             raise
-        existing = await _job_with_key(session, idempotency_key, fingerprint, settings)
+        existing = await _job_with_key(session, stored_key, fingerprint, settings)
         if existing is None:
             raise
         return existing, False
@@ -162,18 +205,29 @@ async def create_job(
 
 
 async def create_jobs(
-    *, session: AsyncSession, jobs_in: Sequence[JobCreate], settings: Settings
+    *,
+    session: AsyncSession,
+    jobs_in: Sequence[JobCreate],
+    settings: Settings,
+    owner: uuid.UUID | None = None,
+    owner_max_queued: int | None = None,
 ) -> list[Job]:
     """Queue several jobs in one transaction: all of them or none."""
+    await _check_owner_quota(session, settings, owner, owner_max_queued, len(jobs_in))
     await _check_queue_room(session, settings, len(jobs_in))
     jobs = [_new_job(job_in, settings) for job_in in jobs_in]
+    for job in jobs:
+        job.owner = owner
     await _add_jobs(session, jobs)
     return jobs
 
 
-async def get_job(*, session: AsyncSession, job_id: uuid.UUID) -> Job:
+async def get_job(
+    *, session: AsyncSession, job_id: uuid.UUID, owner: uuid.UUID | None = None
+) -> Job:
+    """The job; with `owner`, only if that key owns it (another tenant's job is not found)."""
     job = await session.get(Job, job_id, populate_existing=True)
-    if job is None:
+    if job is None or (owner is not None and job.owner != owner):
         raise JobNotFound(f"no job has the id {job_id}")
     return job
 
@@ -206,6 +260,7 @@ async def list_jobs(
     created_before: datetime | None = None,
     limit: int,
     cursor: str | None = None,
+    owner: uuid.UUID | None = None,
 ) -> tuple[Sequence[Job], str | None]:
     """One page of jobs, newest first, without their output; every filter must hold."""
     query = select(Job).options(
@@ -213,6 +268,8 @@ async def list_jobs(
         defer(Job.stderr),  # type: ignore[arg-type]
         defer(Job.stdin),  # type: ignore[arg-type]
     )
+    if owner is not None:
+        query = query.where(col(Job.owner) == owner)
     if state is not None:
         query = query.where(col(Job.state) == state)
     for key, value in (labels or {}).items():
@@ -238,16 +295,22 @@ async def list_jobs(
     return jobs, None
 
 
-async def delete_job(*, session: AsyncSession, job_id: uuid.UUID) -> None:
+def _owned_by(owner: uuid.UUID | None) -> list[Any]:
+    return [] if owner is None else [col(Job.owner) == owner]
+
+
+async def delete_job(
+    *, session: AsyncSession, job_id: uuid.UUID, owner: uuid.UUID | None = None
+) -> None:
     """Remove a finished job and its logs; a queued or running job is refused."""
     deleted = await session.execute(
         delete(Job)
-        .where(col(Job.id) == job_id, col(Job.state).in_(TERMINAL_STATES))
+        .where(col(Job.id) == job_id, col(Job.state).in_(TERMINAL_STATES), *_owned_by(owner))
         .returning(col(Job.id))
     )
     if deleted.scalar_one_or_none() is None:
         await session.rollback()
-        job = await get_job(session=session, job_id=job_id)
+        job = await get_job(session=session, job_id=job_id, owner=owner)
         raise JobStillActive(
             f"job {job_id} is {job.state.value}; cancel it and wait until it ends, then delete it"
         )
@@ -317,12 +380,14 @@ def _terminal(state: JobState, now: datetime, **values: Any) -> dict[str, Any]:
     }
 
 
-async def cancel_job(*, session: AsyncSession, job_id: uuid.UUID) -> Job:
+async def cancel_job(
+    *, session: AsyncSession, job_id: uuid.UUID, owner: uuid.UUID | None = None
+) -> Job:
     """Cancel a queued job at once, or ask the worker of a running job to kill it."""
     now = utc_now()
     job = await _update_job(
         session,
-        [col(Job.id) == job_id, col(Job.state) == JobState.queued],
+        [col(Job.id) == job_id, col(Job.state) == JobState.queued, *_owned_by(owner)],
         **_terminal(
             JobState.cancelled, now, cancel_requested=True, error="cancelled before it started"
         ),
@@ -332,13 +397,13 @@ async def cancel_job(*, session: AsyncSession, job_id: uuid.UUID) -> Job:
     if job is None:
         job = await _update_job(
             session,
-            [col(Job.id) == job_id, col(Job.state) == JobState.running],
+            [col(Job.id) == job_id, col(Job.state) == JobState.running, *_owned_by(owner)],
             cancel_requested=True,
         )
     await session.commit()
     if job is not None:
         return job
-    existing = await get_job(session=session, job_id=job_id)
+    existing = await get_job(session=session, job_id=job_id, owner=owner)
     raise JobAlreadyFinished(f"job {job_id} has already finished: it is {existing.state.value}")
 
 
@@ -349,7 +414,11 @@ async def claim_next_job(
     now = utc_now()
     best = (
         select(col(Job.id))
-        .where(col(Job.state) == JobState.queued, col(Job.run_after) <= now)
+        .where(
+            col(Job.state) == JobState.queued,
+            col(Job.run_after) <= now,
+            _owner_below_max_running(),
+        )
         .order_by(col(Job.priority).desc(), col(Job.created_at).asc())
         .limit(1)
         .with_for_update(skip_locked=True)
@@ -366,6 +435,28 @@ async def claim_next_job(
     )
     await session.commit()
     return job
+
+
+def _owner_below_max_running() -> Any:
+    """A queued job may start unless its owner's key already runs its `max_running` jobs.
+
+    The keys at their limit are found once per claim (not per candidate row): a tenant with
+    a long blocked queue does not slow down the claim for everyone else. A job without
+    owner passes at once. Concurrent claims may overshoot a limit by at most the number
+    of claims made at the same instant.
+    """
+    running = aliased(Job)
+    running_count = (
+        select(func.count())
+        .select_from(running)
+        .where(col(running.owner) == col(ApiKey.id), col(running.state) == JobState.running)
+        .correlate(ApiKey)
+        .scalar_subquery()
+    )
+    at_limit = select(col(ApiKey.id)).where(
+        col(ApiKey.max_running).is_not(None), col(ApiKey.max_running) <= running_count
+    )
+    return or_(col(Job.owner).is_(None), col(Job.owner).not_in(at_limit))
 
 
 async def _write_while_held(

@@ -28,15 +28,17 @@ class LogStatus:
     error: str | None
 
 
-async def get_log_status(*, session: AsyncSession, job_id: uuid.UUID) -> LogStatus:
-    """The job's state without its output; JobNotFound if there is no such job."""
-    row = (
-        await session.execute(
-            select(col(Job.state), col(Job.attempt), col(Job.exit_code), col(Job.error)).where(
-                col(Job.id) == job_id
-            )
-        )
-    ).one_or_none()
+async def get_log_status(
+    *, session: AsyncSession, job_id: uuid.UUID, owner: uuid.UUID | None = None
+) -> LogStatus:
+    """The job's state without its output; JobNotFound if there is no such job (or, with
+    `owner`, if that key does not own it). Readers of chunks call this first."""
+    query = select(col(Job.state), col(Job.attempt), col(Job.exit_code), col(Job.error)).where(
+        col(Job.id) == job_id
+    )
+    if owner is not None:
+        query = query.where(col(Job.owner) == owner)
+    row = (await session.execute(query)).one_or_none()
     if row is None:
         raise JobNotFound(f"no job has the id {job_id}")
     state, attempt, exit_code, error = row

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app import store
+from app.aio import finish_despite_cancel
 from app.db import SessionFactory, is_postgresql, listen_for_submissions
 from app.errors import EngineError, EngineUnreachable, ImageNotFound
 from app.events import JobEvents
@@ -33,7 +34,6 @@ from app.worker.runner import (
     OnCreated,
     OnOutput,
     StopReason,
-    finish_despite_cancel,
 )
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ def spec_of(job: Job) -> JobSpec:
         memory_mb=job.memory_mb,
         timeout_seconds=job.timeout_seconds,
         stdin=job.stdin,
+        cpus=job.cpus,
     )
 
 

@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, TypeVar, cast
@@ -19,6 +19,7 @@ import aiohttp
 from aiodocker.containers import DockerContainer
 from aiodocker.exceptions import DockerError
 
+from app.aio import finish_despite_cancel
 from app.errors import ContainerGone, EngineError, EngineUnreachable, ImageNotFound
 from app.models import AppliedLimits, ResourceReport
 from app.settings import MIB, Settings
@@ -69,6 +70,8 @@ class JobSpec:
     timeout_seconds: int
     # Written to the container's stdin, which is then closed; None: stdin is empty.
     stdin: str | None = None
+    # The hard CPU cap; None (jobs stored before it existed): the default_cpus setting.
+    cpus: float | None = None
 
 
 class StopReason(StrEnum):
@@ -146,6 +149,20 @@ class _DockerClient(aiodocker.Docker):
         await self.connector.close()
 
 
+def tmpfs_options(settings: Settings) -> str:
+    """The mount options of a job's /tmp.
+
+    exec: a job may run a script it wrote there. Mode 1777 lets any user write; runc resets
+    the mode to 0755 when the job's working_dir is /tmp itself, so a numeric job_user also
+    owns the mount's root.
+    """
+    options = f"rw,exec,nosuid,nodev,size={settings.tmp_size_mb}m,mode=1777"
+    uid, _, gid = settings.job_user.partition(":")
+    if not settings.allow_image_user and uid.isdigit() and (not gid or gid.isdigit()):
+        options += f",uid={uid},gid={gid or uid}"
+    return options
+
+
 def engine_url(settings: Settings) -> str:
     return settings.docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
 
@@ -164,16 +181,6 @@ def create_docker_client(settings: Settings) -> aiodocker.Docker:
         )
         return _DockerClient(url="unix://localhost", connector=connector, timeout=timeout)
     return aiodocker.Docker(url=url, timeout=timeout)
-
-
-async def finish_despite_cancel(coro: Coroutine[Any, Any, T]) -> T:
-    """Run cleanup to the end even if the caller is being cancelled, then re-raise."""
-    task = asyncio.ensure_future(coro)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
 
 
 class ContainerRunner:
@@ -460,6 +467,8 @@ class ContainerRunner:
     def _container_config(self, spec: JobSpec) -> dict[str, Any]:
         settings = self._settings
         memory = spec.memory_mb * MIB
+        fsize = settings.ulimit_fsize_mb * MIB
+        nofile = settings.ulimit_nofile
         config: dict[str, Any] = {
             "Image": spec.image,
             "Env": [f"{name}={value}" for name, value in spec.env.items()],
@@ -485,6 +494,20 @@ class ContainerRunner:
                 # An init reaps zombies that would otherwise use up the pids limit.
                 "Init": True,
                 "Privileged": False,
+                # A hard CPU cap, beside the relative CpuShares.
+                "NanoCpus": round((spec.cpus or settings.default_cpus) * 1e9),
+                "ReadonlyRootfs": settings.read_only_rootfs,
+                "Tmpfs": {"/tmp": tmpfs_options(settings)},
+                "Ulimits": [
+                    {"Name": "nofile", "Soft": nofile, "Hard": nofile},
+                    {"Name": "fsize", "Soft": fsize, "Hard": fsize},
+                ],
+                # Private namespaces, named where the engine has a daemon-wide default; no
+                # Binds, Mounts, Devices, CapAdd, PidMode, UsernsMode or UTSMode is ever set,
+                # and Docker's default ReadonlyPaths/MaskedPaths (/proc/kcore, ...) stay.
+                "IpcMode": "private",
+                # On cgroup v1 Docker 20.10 would share the host's cgroup namespace.
+                "CgroupnsMode": "private",
                 # Removed explicitly once output and exit status are read.
                 "AutoRemove": False,
                 "LogConfig": {
@@ -499,6 +522,8 @@ class ContainerRunner:
             config["Cmd"] = spec.command
         if spec.working_dir is not None:
             config["WorkingDir"] = spec.working_dir
+        if not settings.allow_image_user:
+            config["User"] = settings.job_user
         return config
 
     async def _create(self, spec: JobSpec) -> DockerContainer:
@@ -526,6 +551,9 @@ class ContainerRunner:
             timeout_seconds=spec.timeout_seconds,
             output_limit_bytes=self._settings.output_limit_bytes,
             network_mode=host["NetworkMode"],
+            nano_cpus=host.get("NanoCpus") or 0,
+            read_only_rootfs=bool(host.get("ReadonlyRootfs")),
+            user=info["Config"].get("User") or "",
         )
 
     async def _wait(

@@ -35,7 +35,12 @@ class Service:
     """
 
     def __init__(
-        self, workdir: Path, *, command: Sequence[str] = ("serve",), **settings: Any
+        self,
+        workdir: Path,
+        *,
+        command: Sequence[str] = ("serve",),
+        api_key: str | None = None,
+        **settings: Any,
     ) -> None:
         self.workdir = workdir
         self.command = list(command)
@@ -50,7 +55,9 @@ class Service:
             **{f"JOBDOCK_{name.upper()}": str(value) for name, value in settings.items()},
         }
         self.process: subprocess.Popen[bytes] | None = None
-        self.client = httpx.AsyncClient(base_url=self.url, timeout=30.0)
+        # `api_key`: sent as `Authorization: Bearer` on every request of `client`.
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self.client = httpx.AsyncClient(base_url=self.url, timeout=30.0, headers=headers)
 
     async def start(self, timeout: float = 30.0) -> None:
         if "database_url" not in self.settings:

@@ -275,6 +275,9 @@ async def test_cpu_shares_and_memory_limit_are_applied_in_the_cgroup(harness: Ha
         timeout_seconds=spec.timeout_seconds,
         output_limit_bytes=OUTPUT_LIMIT,
         network_mode="none",
+        nano_cpus=10**9,
+        read_only_rootfs=True,
+        user="65534:65534",
     )
     # The callback is told the same limits the result carries.
     assert created.limits == result.limits

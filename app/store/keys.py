@@ -1,0 +1,89 @@
+"""Every query on API keys, and the per-key job counts that quotas need."""
+
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import exists, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
+
+from app.errors import ApiKeyNameTaken, ApiKeyNotFound
+from app.models import ApiKey, Job, JobState, utc_now
+
+
+async def create_key(
+    *,
+    session: AsyncSession,
+    name: str,
+    key_hash: str,
+    admin: bool = False,
+    max_queued: int | None = None,
+    max_running: int | None = None,
+) -> ApiKey:
+    key = ApiKey(
+        name=name,
+        key_hash=key_hash,
+        admin=admin,
+        max_queued=max_queued,
+        max_running=max_running,
+    )
+    session.add(key)
+    try:
+        await session.commit()
+    except IntegrityError:
+        await session.rollback()
+        raise ApiKeyNameTaken(f"an API key named {name!r} already exists") from None
+    return key
+
+
+async def list_keys(*, session: AsyncSession) -> Sequence[ApiKey]:
+    return (
+        (await session.execute(select(ApiKey).order_by(col(ApiKey.created_at), col(ApiKey.name))))
+        .scalars()
+        .all()
+    )
+
+
+async def revoke_key(*, session: AsyncSession, name: str) -> ApiKey:
+    """Revoke the key named `name` (at once, for every process); revoking twice is a no-op."""
+    await session.execute(
+        update(ApiKey)
+        .where(col(ApiKey.name) == name, col(ApiKey.revoked_at).is_(None))
+        .values(revoked_at=utc_now())
+    )
+    await session.commit()
+    key = (
+        await session.execute(select(ApiKey).where(col(ApiKey.name) == name))
+    ).scalar_one_or_none()
+    if key is None:
+        raise ApiKeyNotFound(f"no API key is named {name!r}")
+    return key
+
+
+async def find_active_key(*, session: AsyncSession, key_hash: str) -> ApiKey | None:
+    return (
+        await session.execute(
+            select(ApiKey).where(col(ApiKey.key_hash) == key_hash, col(ApiKey.revoked_at).is_(None))
+        )
+    ).scalar_one_or_none()
+
+
+async def any_active_key(*, session: AsyncSession) -> bool:
+    """Whether the service requires keys: some key exists that is not revoked."""
+    return bool(
+        (
+            await session.execute(select(exists().where(col(ApiKey.revoked_at).is_(None))))
+        ).scalar_one()
+    )
+
+
+async def count_active_jobs(*, session: AsyncSession, owner: uuid.UUID) -> tuple[int, int]:
+    """How many of the owner's jobs are queued, and how many running."""
+    rows = await session.execute(
+        select(col(Job.state), func.count())
+        .where(col(Job.owner) == owner, col(Job.state).in_((JobState.queued, JobState.running)))
+        .group_by(col(Job.state))
+    )
+    counts = {JobState(state): count for state, count in rows}
+    return counts.get(JobState.queued, 0), counts.get(JobState.running, 0)
