@@ -39,24 +39,25 @@ UNAUTHORIZED: Responses = {
 router = APIRouter(prefix="/jobs", tags=["jobs"], responses=UNAUTHORIZED)
 
 NOT_FOUND: Responses = {404: {"model": ErrorBody, "description": "No job has this id"}}
-QUEUE_FULL: Responses = {
-    503: {
-        "model": ErrorBody,
-        "description": "Too many jobs are queued; retry after the `Retry-After` seconds",
-        "headers": {
-            "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
-        },
+
+
+def _retry_later(code: int, description: str) -> Responses:
+    """An error answer that carries `Retry-After`."""
+    return {
+        code: {
+            "model": ErrorBody,
+            "description": description,
+            "headers": {
+                "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
+            },
+        }
     }
-}
-QUOTA_EXCEEDED: Responses = {
-    429: {
-        "model": ErrorBody,
-        "description": "The API key's quota of queued jobs is used; retry after `Retry-After`",
-        "headers": {
-            "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
-        },
-    }
-}
+
+
+QUEUE_FULL = _retry_later(503, "Too many jobs are queued; retry after the `Retry-After` seconds")
+QUOTA_EXCEEDED = _retry_later(
+    429, "The API key's quota of queued jobs is used; retry after `Retry-After`"
+)
 IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
 
 

@@ -19,8 +19,14 @@ import pytest
 from aiodocker.exceptions import DockerError
 
 from app.settings import MIB, Settings
-from app.worker.runner import LABEL_WORKER, ContainerRunner, StopReason
-from tests.worker.test_runner import CreatedRecorder, Harness, assert_removed, run
+from app.worker.runner import ContainerRunner, StopReason
+from tests.worker.test_runner import (
+    CreatedRecorder,
+    Harness,
+    assert_removed,
+    run,
+    runner_harness,
+)
 
 PIDS_LIMIT = 64
 NOFILE = 64
@@ -40,19 +46,8 @@ async def hardened(docker: aiodocker.Docker, test_image: str) -> AsyncIterator[H
         tmp_size_mb=TMP_SIZE_MB,
         engine_call_timeout_seconds=30.0,
     )
-    worker_id = f"test-hardening-{uuid.uuid4().hex[:12]}"
-    yield Harness(
-        docker=docker,
-        image=test_image,
-        settings=settings,
-        worker_id=worker_id,
-        runner=ContainerRunner(docker, settings, worker_id),
-    )
-    leftovers = await docker.containers.list(
-        all=True, filters=json.dumps({"label": [f"{LABEL_WORKER}={worker_id}"]})
-    )
-    for container in leftovers:
-        await container.delete(force=True)
+    async with runner_harness(docker, test_image, settings, "test-hardening") as made:
+        yield made
 
 
 def _never_widened(inspect: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ container exists (inside on_created, since the runner removes it after the run).
 """
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -76,15 +77,23 @@ async def harness(docker: aiodocker.Docker, test_image: str) -> AsyncIterator[Ha
         pull_timeout_seconds=30.0,
         engine_call_timeout_seconds=30.0,
     )
-    worker_id = f"test-runner-{uuid.uuid4().hex[:12]}"
+    async with runner_harness(docker, test_image, settings, "test-runner") as made:
+        yield made
+
+
+@contextlib.asynccontextmanager
+async def runner_harness(
+    docker: aiodocker.Docker, image: str, settings: Settings, prefix: str
+) -> AsyncIterator[Harness]:
+    """A runner with its own worker id; removes whatever containers a failing test left."""
+    worker_id = f"{prefix}-{uuid.uuid4().hex[:12]}"
     yield Harness(
         docker=docker,
-        image=test_image,
+        image=image,
         settings=settings,
         worker_id=worker_id,
         runner=ContainerRunner(docker, settings, worker_id),
     )
-    # Whatever a failing test left behind goes; a passing test leaves nothing.
     leftovers = await docker.containers.list(
         all=True, filters=json.dumps({"label": [f"{LABEL_WORKER}={worker_id}"]})
     )
