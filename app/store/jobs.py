@@ -82,14 +82,18 @@ def _new_job(job_in: JobCreate, settings: Settings) -> Job:
     )
 
 
+async def _count_queued(session: AsyncSession, *conditions: Any) -> int:
+    """How many jobs are queued (of those that meet `conditions`)."""
+    count = await session.execute(
+        select(func.count()).select_from(Job).where(col(Job.state) == JobState.queued, *conditions)
+    )
+    return int(count.scalar_one())
+
+
 async def _check_queue_room(session: AsyncSession, settings: Settings, adding: int) -> None:
     if not settings.max_queued:
         return
-    queued = (
-        await session.execute(
-            select(func.count()).select_from(Job).where(col(Job.state) == JobState.queued)
-        )
-    ).scalar_one()
+    queued = await _count_queued(session)
     if queued + adding > settings.max_queued:
         raise QueueFull(
             f"the queue is full: {queued} jobs are waiting and this service takes at most "
@@ -108,13 +112,7 @@ async def _check_owner_quota(
     """429 for a key whose queued jobs would exceed its quota."""
     if owner is None or max_queued is None:
         return
-    queued = (
-        await session.execute(
-            select(func.count())
-            .select_from(Job)
-            .where(col(Job.owner) == owner, col(Job.state) == JobState.queued)
-        )
-    ).scalar_one()
+    queued = await _count_queued(session, col(Job.owner) == owner)
     if queued + adding > max_queued:
         raise QuotaExceeded(
             f"this API key has {queued} jobs queued and may have at most {max_queued}; "
@@ -470,7 +468,7 @@ async def _write_while_held(
     log chunks in the same transaction); commit."""
     written = await session.execute(
         update(Job)
-        .where(*_held_by(job_id, worker_id))  # type: ignore[arg-type]
+        .where(*held_by(job_id, worker_id))  # type: ignore[arg-type]
         .values(**values)
         .returning(col(Job.id))
     )
@@ -481,7 +479,8 @@ async def _write_while_held(
     return held
 
 
-def _held_by(job_id: uuid.UUID, worker_id: str) -> list[object]:
+def held_by(job_id: uuid.UUID, worker_id: str) -> list[object]:
+    """The conditions of a running job still claimed by this worker."""
     return [
         col(Job.id) == job_id,
         col(Job.worker_id) == worker_id,

@@ -15,7 +15,7 @@ from sqlmodel import col
 
 from app.errors import JobNotFound
 from app.models import Job, JobState, LogChunk
-from app.store.jobs import notify_job_changed
+from app.store.jobs import held_by, notify_job_changed
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,7 @@ async def append_chunks(
     held = (
         await session.execute(
             select(col(Job.id))
-            .where(
-                col(Job.id) == job_id,
-                col(Job.worker_id) == worker_id,
-                col(Job.state) == JobState.running,
-            )
+            .where(*held_by(job_id, worker_id))  # type: ignore[arg-type]
             .with_for_update()
         )
     ).scalar_one_or_none() is not None
