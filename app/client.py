@@ -4,6 +4,7 @@ It speaks only the public REST contract (JSON over HTTP, server-sent events for 
 logs) and turns every failure into a `ClientError` whose message a person can act on.
 """
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -137,20 +138,27 @@ class JobdockClient:
         if timeout is not None:
             extra["timeout"] = timeout
         try:
-            response = self._http.request(
-                method, path, params=params, json=json_body, headers=headers, **extra
-            )
+            with self._reaching():
+                response = self._http.request(
+                    method, path, params=params, json=json_body, headers=headers, **extra
+                )
+        except httpx.InvalidURL as exc:
+            raise ClientError(f"invalid request URL: {exc}") from exc
+        if response.is_error:
+            raise ClientError(error_message(response), response.status_code)
+        return response
+
+    @contextlib.contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """Turn httpx's transport failures into ServerUnreachable with a clear message."""
+        try:
+            yield
         except httpx.TimeoutException as exc:
             raise ServerUnreachable(
                 f"Jobdock at {self.base_url} did not answer in time ({type(exc).__name__})"
             ) from exc
         except httpx.TransportError as exc:
             raise ServerUnreachable(self._unreachable(exc)) from exc
-        except httpx.InvalidURL as exc:
-            raise ClientError(f"invalid request URL: {exc}") from exc
-        if response.is_error:
-            raise ClientError(error_message(response), response.status_code)
-        return response
 
     def _unreachable(self, exc: Exception) -> str:
         reason = str(exc) or type(exc).__name__
@@ -303,7 +311,10 @@ class JobdockClient:
         # No read timeout: a quiet job may print nothing for a long time.
         timeout = httpx.Timeout(REQUEST_TIMEOUT_SECONDS, read=None)
         try:
-            with connect_sse(self._http, "GET", path, params=params, timeout=timeout) as source:
+            with (
+                self._reaching(),
+                connect_sse(self._http, "GET", path, params=params, timeout=timeout) as source,
+            ):
                 if source.response.is_error:
                     source.response.read()
                     raise ClientError(error_message(source.response), source.response.status_code)
@@ -314,12 +325,6 @@ class JobdockClient:
                         yield event
         except SSEError as exc:
             raise ClientError(f"the server did not answer with an event stream: {exc}") from exc
-        except httpx.TimeoutException as exc:
-            raise ServerUnreachable(
-                f"Jobdock at {self.base_url} did not answer in time ({type(exc).__name__})"
-            ) from exc
-        except httpx.TransportError as exc:
-            raise ServerUnreachable(self._unreachable(exc)) from exc
 
 
 def _parse_event(name: str, data: str, event_id: str | None) -> LogEvent | EndEvent | None:
