@@ -29,6 +29,7 @@ from app.webhooks import (
 )
 from tests.support.receiver import Answer, Receiver
 from tests.support.service import free_port
+from tests.test_store import add_job, read
 
 SECRET = "delivery-test-secret"
 
@@ -57,11 +58,7 @@ async def add_ended_job(session_factory: SessionFactory, url: str | None, **fiel
     """A finished job whose webhook is due now, as the store's terminal writes leave it."""
     now = utc_now()
     values: dict[str, Any] = {
-        "image": "busybox",
         "command": ["echo", "hi"],
-        "cpu_shares": 1024,
-        "memory_mb": 256,
-        "timeout_seconds": 300,
         "state": JobState.succeeded,
         "exit_code": 0,
         "stdout": "hi\n",
@@ -72,16 +69,7 @@ async def add_ended_job(session_factory: SessionFactory, url: str | None, **fiel
         "callback_next_at": now,
         **fields,
     }
-    job = Job(**values)
-    async with session_factory() as session:
-        session.add(job)
-        await session.commit()
-    return job
-
-
-async def read(session_factory: SessionFactory, job_id: uuid.UUID) -> Job:
-    async with session_factory() as session:
-        return await store.get_job(session=session, job_id=job_id)
+    return await add_job(session_factory, **values)
 
 
 async def claim(session_factory: SessionFactory, lease_seconds: float = 60.0) -> Job | None:
