@@ -5,9 +5,13 @@ memory come from the engine's stats stream, sampled while the container runs: th
 reports its cgroup's cumulative CPU time and, on cgroup v1, the cgroup's own memory
 high-water mark, so one sample late in the run says how much was used up to then (on
 cgroup v2 only the current usage: the peak is the largest sample). Samples come about
-once a second, the first within about half a second of the start. Once the container has
-exited the engine reports nothing more, so a job that ends before the first sample has no
-CPU time or peak memory (None), and the CPU time of a job's last moments is not counted.
+once a second. The runner opens the stats stream only once a container has run for a
+moment (its STATS_DELAY_SECONDS, a quarter of a second), so a trivial job that ends
+sooner never costs a stats connection; the first sample comes within about a second of
+the opening. Once the container has exited the engine reports nothing more, so a job that
+ends before the first sample (in practice, most jobs shorter than about half a second)
+has no CPU time or peak memory (None), and the CPU time of a job's last moments is not
+counted.
 """
 
 import asyncio
@@ -125,6 +129,11 @@ async def image_digest(docker: aiodocker.Docker, image_id: str) -> str | None:
     except DockerError as exc:
         logger.debug("inspect of image %s: %s", image_id, exc.message)
         return None
+    return digest_of(image)
+
+
+def digest_of(image: dict[str, Any]) -> str | None:
+    """The first registry digest of an image's inspect; None when it has none."""
     digests = image.get("RepoDigests") or []
     return str(digests[0]) if digests else None
 

@@ -13,6 +13,7 @@ import logging
 import aiohttp
 from aiodocker.containers import DockerContainer
 from aiodocker.stream import Stream as AttachStream
+from yarl import URL
 
 logger = logging.getLogger(__name__)
 
@@ -23,15 +24,41 @@ STDIN_CHUNK_BYTES = 64 * 1024
 STDIN_CONFIG = {"OpenStdin": True, "StdinOnce": True, "AttachStdin": True}
 
 
-async def attach_stdin(container: DockerContainer) -> AttachStream:
-    """Attach to a created container's stdin (before it starts, so no byte is missed)."""
-    stream = container.attach(stdin=True)
+async def open_attach(
+    container: DockerContainer, *, stdin: bool = False, stdout: bool = False, stderr: bool = False
+) -> AttachStream:
+    """A hijacked attach connection to a container, made before this returns.
+
+    aiodocker's `container.attach()` inspects the container first to learn whether it has
+    a TTY; Jobdock's containers never have one, so the stream is built here without that
+    extra engine call. Every attach goes on its own connection.
+    """
+    params: dict[str, str | int] = {
+        "detachKeys": "",
+        "logs": 0,
+        "stdin": int(stdin),
+        "stdout": int(stdout),
+        "stderr": int(stderr),
+        "stream": 1,
+    }
+    url = URL(f"containers/{container.id}/attach").with_query(params)
+
+    async def setup() -> tuple[URL, bytes | None, bool]:
+        return url, None, False
+
+    stream = AttachStream(container.docker, setup)
     try:
         # The hijacked connection is made on entering the stream's context.
         await stream.__aenter__()
     except BaseException:
         await stream.close()
         raise
+    return stream
+
+
+async def attach_stdin(container: DockerContainer) -> AttachStream:
+    """Attach to a created container's stdin (before it starts, so no byte is missed)."""
+    stream = await open_attach(container, stdin=True)
     transport = _transport(stream)
     if transport is not None:
         # Each write returns once every byte is with the kernel: a finished write leaves

@@ -2,8 +2,16 @@
 
 import asyncio
 import time
+from typing import Any, cast
 
-from app.worker.runner import Stream
+import aiodocker
+import aiohttp
+import pytest
+from aiodocker.stream import Message
+from aiodocker.stream import Stream as AttachStream
+
+from app.settings import Settings
+from app.worker.runner import ContainerRunner, Stream
 from tests.worker.test_runner import (
     OUTPUT_LIMIT,
     RUN_DEADLINE,
@@ -58,3 +66,80 @@ async def test_the_sink_gets_nothing_past_the_cap(harness: Harness) -> None:  # 
     assert result.output_truncated is True
     assert sink.text("stdout") == result.stdout == "x" * OUTPUT_LIMIT
     assert sink.text("stderr") == result.stderr == "done\n"
+
+
+class FramedStream:
+    """Stands in for an attach stream: hands out the engine's frames, then the end."""
+
+    def __init__(self, frames: list[tuple[int, bytes]]) -> None:
+        self.frames = [Message(number, data) for number, data in frames]
+        self.closed = False
+
+    async def read_out(self) -> Message | None:
+        return self.frames.pop(0) if self.frames else None
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def read_frames(frames: list[tuple[int, bytes]], limit: int = 1024) -> tuple[Any, Sink]:
+    runner = ContainerRunner(
+        cast(aiodocker.Docker, None), Settings(output_limit_bytes=limit), "test-frames"
+    )
+    stream = FramedStream(frames)
+    sink = Sink()
+    outputs = await runner._read_attached(cast(AttachStream, stream), sink)
+    assert stream.closed and not stream.frames
+    return outputs, sink
+
+
+async def test_attach_frames_are_decoded_per_stream_across_splits() -> None:
+    euro = "€".encode()
+    (stdout, stderr), sink = await read_frames(
+        [
+            (1, b"h\xc3"),  # "é" split across frames, with a stderr frame between
+            (2, euro[:1]),
+            (1, b"\xa9 "),
+            (2, euro[1:] + b"!\n"),
+            (1, euro[:2]),
+            (1, euro[2:] + b"\n"),
+            (1, b"bad \xff end"),  # invalid UTF-8 is replaced, not fatal
+            (2, b"cut \xe2\x82"),  # cut off at the stream's end
+        ]
+    )
+    assert stdout.text == "hé €\nbad \ufffd end"
+    assert stderr.text == "€!\ncut \ufffd"
+    assert sink.text("stdout") == stdout.text
+    assert sink.text("stderr") == stderr.text
+    assert not stdout.truncated and not stderr.truncated
+
+
+async def test_attach_frames_past_the_cap_are_read_and_dropped() -> None:
+    (stdout, stderr), sink = await read_frames(
+        [(1, b"x" * 1020), (1, b"y" * 6), (2, b"err\n"), (1, b"z" * 6)], limit=1024
+    )
+    assert stdout.text == sink.text("stdout") == "x" * 1020 + "yyyy"
+    assert stdout.truncated is True
+    assert stderr.text == sink.text("stderr") == "err\n"
+    assert stderr.truncated is False
+
+
+async def test_a_failed_attach_stream_falls_back_to_the_logs(
+    harness: Harness,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def broken(self: ContainerRunner, stream: AttachStream, on_output: Any) -> Any:
+        await stream.close()
+        raise aiohttp.ClientPayloadError("connection lost")
+
+    monkeypatch.setattr(ContainerRunner, "_read_attached", broken)
+    spec = harness.spec("echo one; echo two >&2; printf three")
+    async with asyncio.timeout(RUN_DEADLINE):
+        result = await harness.runner.run(
+            spec,
+            cancel=asyncio.Event(),
+            detach=asyncio.Event(),
+            on_created=CreatedRecorder(harness.docker),
+        )
+    assert result.exit_code == 0
+    assert (result.stdout, result.stderr) == ("one\nthree", "two\n")

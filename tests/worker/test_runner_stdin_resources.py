@@ -19,6 +19,8 @@ from aiodocker.exceptions import DockerError
 
 from app.errors import EngineError
 from app.models import Job, JobState, ResourceReport
+from app.settings import Settings
+from app.worker import runner as runner_module
 from app.worker.pool import result_of, spec_of
 from app.worker.resources import StatsSampler, image_digest, parse_engine_time, wall_seconds
 from app.worker.runner import ContainerRunner, JobSpec, StopReason
@@ -412,3 +414,64 @@ def test_jobspec_stdin_defaults_to_none() -> None:
         timeout_seconds=5,
     )
     assert spec.stdin is None
+
+
+class CountingImages:
+    """Image inspects by id, each answered from `answers` in turn, and counted."""
+
+    def __init__(self, answers: list[dict[str, Any] | BaseException]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+
+    async def inspect(self, name: str) -> dict[str, Any]:
+        self.asked.append(name)
+        answer = self.answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+
+def digest_runner(images: CountingImages) -> ContainerRunner:
+    docker = cast(aiodocker.Docker, StubDocker(None))
+    docker.images = images  # type: ignore[assignment]
+    return ContainerRunner(docker, Settings(), "test-digests")
+
+
+async def test_the_runner_asks_an_images_digest_once() -> None:
+    digest = "busybox@sha256:" + "a" * 64
+    images = CountingImages([{"RepoDigests": [digest]}, {"RepoDigests": []}])
+    runner = digest_runner(images)
+    pulled, built = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    for _ in range(3):
+        assert await runner._image_digest(pulled) == digest
+        # "No digest" is an answer too: kept.
+        assert await runner._image_digest(built) is None
+    assert await runner._image_digest(None) is None
+    assert images.asked == [pulled, built]
+
+
+async def test_a_failed_digest_look_up_is_asked_again() -> None:
+    digest = "busybox@sha256:" + "a" * 64
+    images = CountingImages(
+        [DockerError(404, "No such image"), TimeoutError(), {"RepoDigests": [digest]}]
+    )
+    runner = digest_runner(images)
+    image = "sha256:" + "1" * 64
+    assert await runner._image_digest(image) is None
+    assert await runner._image_digest(image) is None
+    assert await runner._image_digest(image) == digest
+    assert await runner._image_digest(image) == digest
+    assert len(images.asked) == 3
+
+
+async def test_the_digest_cache_is_bounded() -> None:
+    count = runner_module.DIGEST_CACHE_SIZE + 10
+    images = CountingImages([{"RepoDigests": []} for _ in range(count + 1)])
+    runner = digest_runner(images)
+    ids = [f"sha256:{n:064x}" for n in range(count)]
+    for image in ids:
+        await runner._image_digest(image)
+    assert len(runner._digests) == runner_module.DIGEST_CACHE_SIZE
+    # The oldest went first: asking for it again asks the engine.
+    await runner._image_digest(ids[0])
+    assert len(images.asked) == count + 1
