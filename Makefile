@@ -55,5 +55,11 @@ bench: venv
 	scripts/ensure-engine.sh --test
 	$(BIN)/python -m bench.core $(BENCH_ARGS)
 
+## Build Jobdock's image offline (a debootstrapped Debian base, host-built wheels), run it
+## with the Docker socket and submit a job through it. Root on Debian (debootstrap).
+.PHONY: docker-smoke
+docker-smoke: venv
+	scripts/docker-smoke.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
