@@ -8,6 +8,8 @@
   api       POST /jobs and GET /jobs/{id} at 32 clients beside a bare FastAPI endpoint
   memory    the service's peak RSS while jobs print a lot, and while paging 10,000 jobs
   database  claim+finish cycles/s through the store against the same SQL raw
+  options   (only when named) HostConfig/lifecycle variants of the bare loop, C=4 unless
+            --concurrency is given (bench/engine_options.py)
 Every measured answer is checked; a wrong one aborts the run (exit status 1).
 """
 
@@ -20,12 +22,13 @@ from pathlib import Path
 
 import aiodocker
 
-from bench import api, database, engine, memory
+from bench import api, database, engine, engine_options, memory
 from bench.common import BenchError, Database, Results, machine_description, postgres_server_url
 from bench.profile import report
 from tests.support.images import ensure_test_image
 
-PARTS = ("engine", "api", "memory", "database")
+DEFAULT_PARTS = ("engine", "api", "memory", "database")
+PARTS = (*DEFAULT_PARTS, "options")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m bench", description=(__doc__ or "").splitlines()[0]
     )
     parser.add_argument("--quick", action="store_true", help="small N, one round: a smoke run")
-    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset")
+    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS), help="comma-separated subset")
     parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--jobs", type=int, help="part 1: jobs per run (default 100)")
     parser.add_argument("--concurrency", help="part 1: comma-separated C (default 1,2,4,8)")
@@ -51,10 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
     quick = args.quick
+    args.options_concurrency = [4] if args.concurrency is None else None
     args.jobs = args.jobs or (20 if quick else 100)
     args.concurrency = [
         int(c) for c in (args.concurrency or ("1,4" if quick else "1,2,4,8")).split(",")
     ]
+    args.options_concurrency = args.options_concurrency or args.concurrency
     args.rounds = args.rounds or (1 if quick else 2)
     args.seconds = args.seconds or (3.0 if quick else 10.0)
     args.finished_jobs = args.finished_jobs or (1000 if quick else 10_000)
@@ -99,6 +104,17 @@ async def main(args: argparse.Namespace) -> Results:
                         profile_dir=args.profile,
                         profile_at=4,
                     )
+                if "options" in args.parts:
+                    print("# engine options (bare loop variants)", flush=True)
+                    tables = await engine_options.run(
+                        results,
+                        docker=docker,
+                        image=image,
+                        jobs=args.jobs,
+                        concurrencies=args.options_concurrency,
+                        rounds=args.rounds,
+                    )
+                    print("\n" + "\n\n".join(tables), flush=True)
             if "api" in args.parts:
                 print("# part 2: API under load", flush=True)
                 await api.run(
