@@ -397,6 +397,9 @@ class ContainerRunner:
             await stop_sampling(sampling)
             info = await self._call(container.show())
             state = info["State"]
+            if state.get("RemovalInProgress") or state.get("Dead"):
+                # Someone removes it under us (`docker rm -f`): its kill is not the job's.
+                raise ContainerGone()
             stdout, stderr = await self._collect(container, attached, followers)
             exit_code = status.get("StatusCode", state.get("ExitCode"))
             if (

@@ -63,6 +63,10 @@ def _never_widened(inspect: dict[str, Any]) -> None:
     assert "no-new-privileges" in (host.get("SecurityOpt") or [])
     assert host["NetworkMode"] == "none"
     assert inspect["NetworkSettings"]["Networks"].keys() <= {"none"}
+    # NetworkDisabled as well: the engine then builds no network sandbox at all, which
+    # halves the engine's cost of a short job (bench/README.md, "Engine options").
+    assert inspect["Config"].get("NetworkDisabled") is True
+    assert not inspect["NetworkSettings"].get("SandboxKey")
     # Empty means a private namespace; "host" or "container:..." would share one.
     for mode in ("PidMode", "UTSMode", "UsernsMode", "CgroupnsMode"):
         assert host.get(mode, "") in ("", "private"), (mode, host.get(mode))
