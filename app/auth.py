@@ -14,9 +14,12 @@ import secrets
 import sys
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
+from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.db import Reader
 from app.models import ApiKey
 from app.store import keys as key_store
 
@@ -37,7 +40,7 @@ class Principal:
     max_running: int | None = None
 
     @classmethod
-    def of(cls, key: ApiKey) -> "Principal":
+    def of(cls, key: ApiKey | Row[Any]) -> "Principal":
         return cls(
             key_id=key.id,
             name=key.name,
@@ -68,7 +71,7 @@ def owner_of_new_jobs(principal: Principal | None) -> uuid.UUID | None:
     return None if principal is None else principal.key_id
 
 
-async def authenticate(session: AsyncSession, presented: str | None) -> Principal | None:
+async def authenticate(session: Reader, presented: str | None) -> Principal | None:
     """The principal of a presented key; None when no key is configured (open mode).
 
     Raises NotAuthenticated when keys exist and `presented` is missing, unknown or revoked.

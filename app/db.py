@@ -1,18 +1,23 @@
 """The async database engine and session factory, for SQLite (WAL) and PostgreSQL."""
 
 import asyncio
-from collections.abc import Callable
+import sqlite3
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import event
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy import Dialect, Engine, Executable, Result, event
+from sqlalchemy import create_engine as create_sync_engine
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.util import await_only
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -23,16 +28,37 @@ SessionFactory = async_sessionmaker[AsyncSession]
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 
 
+# Connections kept open: the API's concurrent requests (a load of 32 clients) plus the
+# workers, webhooks and listeners of the process; beyond it, short-lived overflow.
+POOL_SIZE = 40
+POOL_MAX_OVERFLOW = 20
+# PostgreSQL: a server-side idle timeout or a restart closes old connections; replacing
+# them after this long (instead of a pre-ping round trip on every checkout) avoids most.
+POOL_RECYCLE_SECONDS = 1800
+
+
 def create_engine(database_url: str) -> AsyncEngine:
     url = make_url(database_url)
     if url.get_backend_name() != "sqlite":
-        return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        return create_async_engine(
+            url,
+            pool_size=POOL_SIZE,
+            max_overflow=POOL_MAX_OVERFLOW,
+            pool_recycle=POOL_RECYCLE_SECONDS,
+        )
 
     if url.database and url.database != ":memory:":
         Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     engine = create_async_engine(
-        url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}, pool_size=10, max_overflow=20
+        url,
+        # The implicit BEGIN that sqlite3 sends before a transaction's first write (never
+        # before a read, which runs in autocommit: WAL reads never wait) takes the write
+        # lock at once.
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "isolation_level": "IMMEDIATE"},
+        pool_size=POOL_SIZE,
+        max_overflow=POOL_MAX_OVERFLOW,
     )
+    _serialize_sqlite_writes(engine)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:
@@ -43,6 +69,134 @@ def create_engine(database_url: str) -> AsyncEngine:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_SECONDS * 1000}")
         cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return engine
+
+
+_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+
+
+def _serialize_sqlite_writes(engine: AsyncEngine) -> None:
+    """Queue this process's SQLite write transactions on an asyncio lock.
+
+    SQLite has one writer at a time. Without this, writers on different pooled connections
+    meet SQLite's busy handler, which sleeps (up to 100 ms at a time) and retries: under
+    load, writes wait seconds. With it, a transaction's first write statement waits for
+    the lock (first come, first served), and the commit or rollback that ends the
+    transaction hands it on. Other processes still meet the busy handler.
+    """
+    dialect = engine.sync_engine.dialect
+    holder: list[Any] = [None]  # the driver connection in a write transaction
+    locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+
+    def lock() -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        found = locks.get(loop)
+        if found is None:
+            locks.clear()  # an engine lives on one loop; a closed one's lock is garbage
+            found = locks[loop] = asyncio.Lock()
+        return found
+
+    def release(dbapi_connection: Any) -> None:
+        if dbapi_connection is not None and holder[0] is dbapi_connection:
+            holder[0] = None
+            for found in locks.values():
+                if found.locked():
+                    found.release()
+
+    @event.listens_for(engine.sync_engine, "before_cursor_execute")
+    def _wait_for_the_write_lock(conn: Connection, _cursor: Any, statement: str, *_: Any) -> None:
+        if not statement.lstrip()[:7].upper().startswith(_WRITES):
+            return
+        dbapi_connection = conn.connection.dbapi_connection
+        if holder[0] is dbapi_connection or dbapi_connection is None:
+            return
+
+        async def acquire() -> None:
+            try:
+                await asyncio.wait_for(lock().acquire(), SQLITE_BUSY_TIMEOUT_SECONDS)
+            except TimeoutError:
+                raise OperationalError(
+                    statement, None, sqlite3.OperationalError("database is locked")
+                ) from None
+
+        await_only(acquire())
+        holder[0] = dbapi_connection
+
+    def ends_transaction(end: Callable[[Any], None]) -> Callable[[Any], None]:
+        def wrapped(connection: Any) -> None:
+            try:
+                end(connection)
+            finally:
+                release(getattr(connection, "dbapi_connection", connection))
+
+        return wrapped
+
+    # After the commit or rollback itself, so the next writer finds the database free.
+    dialect.do_commit = ends_transaction(dialect.do_commit)  # type: ignore[method-assign,assignment]
+    dialect.do_rollback = ends_transaction(dialect.do_rollback)  # type: ignore[method-assign,assignment]
+
+    @event.listens_for(engine.sync_engine, "checkin")
+    def _release_on_checkin(dbapi_connection: Any, _record: Any) -> None:
+        release(dbapi_connection)
+
+    @event.listens_for(engine.sync_engine, "invalidate")
+    def _release_on_invalidate(dbapi_connection: Any, _record: Any, _exc: Any) -> None:
+        release(dbapi_connection)
+
+
+class SyncReader:
+    """A synchronous SQLite connection that reads like an AsyncConnection (`await
+    reader.execute(...)`), in the event loop's own thread.
+
+    Through aiosqlite, every statement is several round trips to the connection's thread
+    (cursor, execute, fetch, close; a rollback on return to the pool), each a GIL hand-over:
+    on a busy machine a primary-key read costs a millisecond or more, against a few
+    microseconds in SQLite itself. A WAL reader does not wait for writers, so the hot reads
+    (a job by id, the API key check) run here directly. Writes never do (see
+    create_read_engine)."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    @property
+    def dialect(self) -> Dialect:
+        return self.connection.dialect
+
+    async def execute(
+        self, statement: Executable, parameters: Mapping[str, Any] | None = None
+    ) -> Result[Any]:
+        return self.connection.execute(statement, parameters)
+
+
+# What the read-only queries take: a session, a connection, or a SyncReader.
+Reader = AsyncSession | AsyncConnection | SyncReader
+# A SQLite reader waits this long at most (blocking the event loop) in the rare moments a
+# WAL reader is kept out (a checkpoint resetting the log, a recovery).
+SQLITE_READER_BUSY_TIMEOUT_SECONDS = 2
+
+
+def create_read_engine(database_url: str) -> Engine | None:
+    """For a SQLite file: a synchronous engine whose connections only read (query_only),
+    for SyncReader; None for any other database."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    engine = create_sync_engine(
+        url.set(drivername="sqlite+pysqlite"),
+        connect_args={"timeout": SQLITE_READER_BUSY_TIMEOUT_SECONDS},
+        pool_size=POOL_SIZE,
+        # No limit: a checkout that waited would block the event loop (a GET with `wait`
+        # holds its reader while it waits). Connections past pool_size close on return.
+        max_overflow=-1,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _read_only(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_READER_BUSY_TIMEOUT_SECONDS * 1000}")
+        cursor.execute("PRAGMA query_only=ON")
         cursor.close()
 
     return engine

@@ -1,6 +1,7 @@
 """The application: create_app() and its lifespan (database, Docker client, worker pool)."""
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -15,6 +16,7 @@ from app.auth import warn_if_exposed
 from app.db import (
     JOB_EVENTS_CHANNEL,
     create_engine,
+    create_read_engine,
     create_session_factory,
     is_postgresql,
     listen,
@@ -68,6 +70,11 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True) ->
                 await warn_if_exposed(session, settings.host)
             events = JobEvents()
             app.state.settings = settings
+            app.state.engine = engine
+            read_engine = create_read_engine(settings.database_url)
+            if read_engine is not None:
+                stack.callback(read_engine.dispose)
+            app.state.read_engine = read_engine
             app.state.session_factory = session_factory
             app.state.events = events
             app.state.pool = None
@@ -76,6 +83,11 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True) ->
             if run_workers and settings.workers > 0:
                 app.state.pool = await start_pool(stack, settings, session_factory, events)
             logger.info("jobdock %s ready (database %s)", __version__, engine.url)
+            # What startup built (modules, the app, its schemas and compiled statements)
+            # lives as long as the process: out of the collector's way, a full collection
+            # under load walks only what requests allocate, not pause the loop for all of it.
+            gc.collect()
+            gc.freeze()
             yield
 
     app = FastAPI(

@@ -3,7 +3,8 @@
 A cycle is what a worker does around one job: `app.store.claim_next_job` (one atomic
 UPDATE ... RETURNING of the best queued job, committed) and `app.store.finish_job` (the
 conditional terminal UPDATE, committed), each in its own session as the pool does. The raw
-loop sends the very statements SQLAlchemy emits (captured from its log) with:
+loop sends the very statements SQLAlchemy emits (checked, untimed, against what one cycle
+through the store sends before the rounds) with:
   - `sqlite3` from the standard library, on a file with app/db.py's PRAGMAs (WAL,
     synchronous=NORMAL, busy_timeout, foreign_keys);
   - `asyncpg` on PostgreSQL (with the same pg_notify in the finishing transaction),
@@ -19,10 +20,12 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import store
 from app.db import asyncpg_dsn, create_engine, create_session_factory, upgrade_to_head
@@ -34,34 +37,42 @@ WORKER = "bench-worker"
 LEASE_SECONDS = 30.0
 RESULT = JobResult(state=JobState.succeeded, exit_code=0, stdout="hi\n")
 
-RETURNING = (
-    "image, command, env, working_dir, cpu_shares, memory_mb, timeout_seconds, priority, "
+COLUMNS = (
+    "image, command, env, working_dir, cpus, cpu_shares, memory_mb, timeout_seconds, priority, "
     "max_attempts, retry_on_exit_codes, labels, callback_url, id, state, run_after, attempt, "
     "worker_id, lease_expires_at, cancel_requested, container_id, limits, attempts, exit_code, "
     "stdout, stderr, output_truncated, error, resources, stdin, callback_state, "
-    "callback_next_at, callback_deliveries, idempotency_key, request_hash, created_at, "
+    "callback_next_at, callback_deliveries, owner, idempotency_key, request_hash, created_at, "
     "started_at, finished_at"
+)
+ID_INDEX = [name.strip() for name in COLUMNS.split(",")].index("id")
+# A job may start unless its owner's API key already runs its max_running jobs.
+OWNER_RULE = (
+    "(jobs.owner IS NULL OR (jobs.owner NOT IN (SELECT api_keys.id FROM api_keys WHERE "
+    "api_keys.max_running IS NOT NULL AND api_keys.max_running <= (SELECT count(*) AS count_1 "
+    "FROM jobs AS running_jobs WHERE running_jobs.owner = api_keys.id AND "
+    "running_jobs.state = {running}))))"
 )
 SQLITE_CLAIM = (
     "UPDATE jobs SET state=?, attempt=(jobs.attempt + ?), worker_id=?, lease_expires_at=?, "
     "started_at=? WHERE jobs.id = (SELECT jobs.id FROM jobs WHERE jobs.state = ? AND "
-    "jobs.run_after <= ? ORDER BY jobs.priority DESC, jobs.created_at ASC LIMIT ? OFFSET ?) "
-    f"AND jobs.state = ? RETURNING {RETURNING}"
+    f"jobs.run_after <= ? AND {OWNER_RULE.format(running='?')} ORDER BY jobs.priority DESC, "
+    f"jobs.created_at ASC LIMIT ? OFFSET ?) AND jobs.state = ? RETURNING {COLUMNS}"
 )
 SQLITE_FINISH = (
     "UPDATE jobs SET state=?, lease_expires_at=?, exit_code=?, stdout=?, stderr=?, "
     "output_truncated=?, error=?, resources=?, stdin=?, callback_state=CASE WHEN "
     "(jobs.callback_url IS NOT NULL) THEN ? END, callback_next_at=CASE WHEN "
     "(jobs.callback_url IS NOT NULL) THEN ? END, finished_at=? WHERE jobs.id = ? AND "
-    "jobs.worker_id = ? AND jobs.state = ? RETURNING id"
+    "jobs.worker_id = ? AND jobs.state = ?"
 )
 PG_CLAIM = (
     "UPDATE jobs SET state=$1, attempt=(jobs.attempt + $2::INTEGER), worker_id=$3::VARCHAR, "
     "lease_expires_at=$4::TIMESTAMP WITHOUT TIME ZONE, started_at=$5::TIMESTAMP WITHOUT TIME "
     "ZONE WHERE jobs.id = (SELECT jobs.id FROM jobs WHERE jobs.state = $6 AND jobs.run_after "
-    "<= $7::TIMESTAMP WITHOUT TIME ZONE ORDER BY jobs.priority DESC, jobs.created_at ASC "
-    "LIMIT $8::INTEGER FOR UPDATE SKIP LOCKED) AND jobs.state = $9 RETURNING "
-    + ", ".join(f"jobs.{name.strip()}" for name in RETURNING.split(","))
+    f"<= $5::TIMESTAMP WITHOUT TIME ZONE AND {OWNER_RULE.format(running='$7')} ORDER BY "
+    "jobs.priority DESC, jobs.created_at ASC LIMIT $8::INTEGER FOR UPDATE SKIP LOCKED) AND "
+    "jobs.state = $9 RETURNING " + ", ".join(f"jobs.{name.strip()}" for name in COLUMNS.split(","))
 )
 PG_NOTIFY = "SELECT pg_notify($1::VARCHAR, $2::VARCHAR) AS pg_notify_1"
 PG_FINISH = (
@@ -69,10 +80,56 @@ PG_FINISH = (
     "exit_code=$3::INTEGER, stdout=$4::VARCHAR, stderr=$5::VARCHAR, "
     "output_truncated=$6::BOOLEAN, error=$7::VARCHAR, resources=$8::JSON, stdin=$9::VARCHAR, "
     "callback_state=CASE WHEN (jobs.callback_url IS NOT NULL) THEN $10::VARCHAR END, "
-    "callback_next_at=CASE WHEN (jobs.callback_url IS NOT NULL) THEN $11::TIMESTAMP WITH "
-    "TIME ZONE END, finished_at=$12::TIMESTAMP WITHOUT TIME ZONE WHERE jobs.id = $13::UUID "
-    "AND jobs.worker_id = $14::VARCHAR AND jobs.state = $15 RETURNING jobs.id"
+    "callback_next_at=CASE WHEN (jobs.callback_url IS NOT NULL) THEN $11::TIMESTAMP WITHOUT "
+    "TIME ZONE END, finished_at=$11::TIMESTAMP WITHOUT TIME ZONE WHERE jobs.id = $12::UUID "
+    "AND jobs.worker_id = $13::VARCHAR AND jobs.state = $14"
 )
+
+
+def _one_line(sql: str) -> str:
+    return " ".join(sql.split())
+
+
+async def check_same_sql(url: str, kind: str) -> None:
+    """Run one cycle through the store (untimed) and check that it sends, statement for
+    statement, what the raw loop sends."""
+    await prepared(url, 1)
+    engine = create_engine(url)
+    sent: list[str] = []
+
+    def record(*args: Any) -> None:
+        # (connection, cursor, statement, parameters, context, executemany)
+        statement = _one_line(args[2])
+        if statement.startswith("UPDATE") or "pg_notify" in statement:
+            sent.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", record)
+    try:
+        await through_store_once(engine)
+    finally:
+        await engine.dispose()
+    expected = (
+        [SQLITE_CLAIM, SQLITE_FINISH] if kind == "sqlite" else [PG_CLAIM, PG_NOTIFY, PG_FINISH]
+    )
+    check(
+        sent == [_one_line(sql) for sql in expected],
+        "the raw loop no longer sends the store's SQL; the store sent:\n" + "\n".join(sent),
+    )
+
+
+async def through_store_once(engine: AsyncEngine) -> None:
+    sessions = create_session_factory(engine)
+    async with sessions() as session:
+        job = await store.claim_next_job(
+            session=session, worker_id=WORKER, lease_seconds=LEASE_SECONDS
+        )
+    check(job is not None, "store: nothing claimed")
+    assert job is not None
+    async with sessions() as session:
+        written = await store.finish_job(
+            session=session, job_id=job.id, worker_id=WORKER, result=RESULT
+        )
+    check(written, "store: finish not written")
 
 
 async def prepared(url: str, jobs: int) -> None:
@@ -162,6 +219,7 @@ def raw_sqlite(path: str, jobs: int) -> float:
                     _naive(now),
                     "queued",
                     _naive(now),
+                    "running",
                     1,
                     0,
                     "queued",
@@ -170,7 +228,7 @@ def raw_sqlite(path: str, jobs: int) -> float:
             connection.commit()
             if row is None:
                 break
-            job_id = row[12]
+            job_id = row[ID_INDEX]
             finished = datetime.now(UTC)
             written = connection.execute(
                 SQLITE_FINISH,
@@ -191,9 +249,9 @@ def raw_sqlite(path: str, jobs: int) -> float:
                     WORKER,
                     "running",
                 ),
-            ).fetchone()
+            ).rowcount
             connection.commit()
-            check(written is not None, f"raw sqlite3: finish of {job_id} not written")
+            check(written == 1, f"raw sqlite3: finish of {job_id} not written")
             cycles += 1
         elapsed = time.perf_counter() - start
     finally:
@@ -218,7 +276,7 @@ async def raw_asyncpg(url: str, jobs: int) -> float:
                     now + timedelta(seconds=LEASE_SECONDS),
                     now,
                     "queued",
-                    now,
+                    "running",
                     1,
                     "queued",
                 )
@@ -228,7 +286,7 @@ async def raw_asyncpg(url: str, jobs: int) -> float:
             finished = datetime.now(UTC)
             async with connection.transaction():
                 await connection.execute(PG_NOTIFY, "jobdock_job_events", str(job_id))
-                written = await connection.fetchrow(
+                status = await connection.execute(
                     PG_FINISH,
                     "succeeded",
                     None,
@@ -240,13 +298,12 @@ async def raw_asyncpg(url: str, jobs: int) -> float:
                     "null",
                     None,
                     "pending",
-                    finished,
                     finished.replace(tzinfo=None),
                     job_id,
                     WORKER,
                     "running",
                 )
-            check(written is not None, f"raw asyncpg: finish of {job_id} not written")
+            check(status == "UPDATE 1", f"raw asyncpg: finish of {job_id} not written")
             cycles += 1
         elapsed = time.perf_counter() - start
     finally:
@@ -270,6 +327,7 @@ async def run(
         source = Database("sqlite") if kind == "sqlite" else database
         ours: list[float] = []
         raw: list[float] = []
+        await check_same_sql(await source.fresh_url(workdir), kind)
         for index in range(rounds):
             url = await source.fresh_url(workdir)
             await prepared(url, jobs)

@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 from sqlalchemy.exc import StatementError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col
 
 from app import store
 from app.db import SessionFactory
-from app.errors import InvalidCursor, JobAlreadyFinished, JobNotFound
-from app.models import Job, JobCreate, JobResult, JobState, utc_now
+from app.errors import InvalidCursor, JobAlreadyFinished, JobNotFound, QueueFull, QuotaExceeded
+from app.models import Job, JobCreate, JobPublic, JobResult, JobState, utc_now
 from app.settings import Settings
 
 LEASE = 30.0
@@ -565,3 +566,83 @@ async def test_retry_job_queues_the_next_attempt_only_while_the_claim_holds(
     ]
     second = await claimed(session_factory, worker_id="worker-b", lease_seconds=60)
     assert (second.id, second.attempt) == (job.id, 2)
+
+
+async def test_queue_cap_counts_at_most_cap_plus_one_yet_reports_the_real_number(
+    session_factory: SessionFactory, settings: Settings
+) -> None:
+    capped = settings.model_copy(update={"max_queued": 3})
+    for _ in range(5):
+        await add_job(session_factory)
+    await add_job(session_factory, state=JobState.running)
+    job_in = JobCreate(image="busybox", command=["true"])
+    async with session_factory() as session:
+        with pytest.raises(QueueFull, match="5 jobs are waiting"):
+            await store.create_job(session=session, job_in=job_in, settings=capped)
+        roomy = settings.model_copy(update={"max_queued": 6})
+        job, created = await store.create_job(session=session, job_in=job_in, settings=roomy)
+        assert created and job.state is JobState.queued
+        with pytest.raises(QueueFull, match="6 jobs are waiting"):
+            await store.create_job(session=session, job_in=job_in, settings=roomy)
+
+
+async def test_owner_quota_counts_only_the_owners_queued_jobs(
+    session_factory: SessionFactory, settings: Settings
+) -> None:
+    owner, other = uuid.uuid4(), uuid.uuid4()
+    for _ in range(3):
+        await add_job(session_factory, owner=owner)
+    await add_job(session_factory, owner=other)
+    job_in = JobCreate(image="busybox")
+    async with session_factory() as session:
+        with pytest.raises(QuotaExceeded, match="has 3 jobs queued"):
+            await store.create_job(
+                session=session, job_in=job_in, settings=settings, owner=owner, owner_max_queued=2
+            )
+        job, _ = await store.create_job(
+            session=session, job_in=job_in, settings=settings, owner=owner, owner_max_queued=4
+        )
+    assert job.owner == owner
+
+
+async def test_a_created_job_reads_back_as_submitted_with_the_defaults(
+    session_factory: SessionFactory, db_engine: AsyncEngine, settings: Settings
+) -> None:
+    job_in = JobCreate(image="busybox", command=["echo", "hi"], labels={"team": "ml"}, cpus=0.5)
+    async with db_engine.connect() as connection:
+        job, created = await store.create_job(
+            session=connection, job_in=job_in, settings=settings, idempotency_key="k1"
+        )
+        assert created
+        again, created = await store.create_job(
+            session=connection, job_in=job_in, settings=settings, idempotency_key="k1"
+        )
+        assert not created and again.id == job.id
+        row = await store.read_job(session=connection, job_id=job.id)
+    stored = await read(session_factory, job.id)
+    assert JobPublic.model_validate(row) == JobPublic.model_validate(stored)
+    assert JobPublic.model_validate(job) == JobPublic.model_validate(stored)
+    assert stored.memory_mb == settings.default_memory_mb and stored.cpus == 0.5
+    assert stored.labels == {"team": "ml"} and stored.state is JobState.queued
+    assert stored.idempotency_key == "k1" and stored.request_hash == store.request_hash(job_in)
+    with pytest.raises(JobNotFound):
+        async with db_engine.connect() as connection:
+            await store.read_job(session=connection, job_id=job.id, owner=uuid.uuid4())
+
+
+async def test_writers_in_one_process_queue_for_sqlite_instead_of_backing_off(
+    session_factory: SessionFactory, settings: Settings
+) -> None:
+    """Many concurrent single-job submissions each commit, none meets "database is locked"."""
+    job_in = JobCreate(image="busybox")
+
+    async def submit() -> Job:
+        async with session_factory() as session:
+            job, _ = await store.create_job(session=session, job_in=job_in, settings=settings)
+            return job
+
+    jobs = await asyncio.gather(*(submit() for _ in range(40)))
+    assert len({job.id for job in jobs}) == 40
+    async with session_factory() as session:
+        states = await store.get_states(session=session, job_ids=[job.id for job in jobs])
+    assert set(states.values()) == {JobState.queued} and len(states) == 40

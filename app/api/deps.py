@@ -5,10 +5,11 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from app.auth import NotAuthenticated, Principal, authenticate
-from app.db import SessionFactory
+from app.db import Reader, SessionFactory, SyncReader
 from app.events import JobEvents
 from app.settings import Settings
 from app.worker.pool import WorkerPool
@@ -19,23 +20,52 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-def get_session_factory(request: Request) -> SessionFactory:
+async def get_connection(request: Request) -> AsyncIterator[AsyncConnection]:
+    """A connection of its own for a request that needs no ORM session: the cheapest read
+    or write. The caller commits what it writes; the rest is rolled back."""
+    engine: AsyncEngine = request.app.state.engine
+    async with engine.connect() as connection:
+        yield connection
+
+
+async def get_reader(request: Request) -> AsyncIterator[Reader]:
+    """A connection for a request that only reads, each read standing alone (it sees every
+    commit made before it). On SQLite, a synchronous connection of the read engine (see
+    app.db.create_read_engine); on PostgreSQL, one in autocommit: no BEGIN and ROLLBACK
+    round trips."""
+    read_engine: Engine | None = request.app.state.read_engine
+    if read_engine is not None:
+        with read_engine.connect() as sync_connection:
+            yield SyncReader(sync_connection)
+        return
+    engine: AsyncEngine = request.app.state.engine
+    async with engine.connect() as connection:
+        if engine.dialect.name == "postgresql":
+            await connection.execution_options(isolation_level="AUTOCOMMIT")
+        yield connection
+
+
+# The plain getters below are `async def` on purpose: FastAPI runs a `def` dependency in
+# its thread pool, a thread round trip per request for a dictionary lookup.
+
+
+async def get_session_factory(request: Request) -> SessionFactory:
     """For responses that outlive the request's own session, such as a followed log."""
     factory: SessionFactory = request.app.state.session_factory
     return factory
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_events(request: Request) -> JobEvents:
+async def get_events(request: Request) -> JobEvents:
     events: JobEvents = request.app.state.events
     return events
 
 
-def get_pool(request: Request) -> WorkerPool | None:
+async def get_pool(request: Request) -> WorkerPool | None:
     pool: WorkerPool | None = request.app.state.pool
     return pool
 
@@ -46,15 +76,13 @@ bearer = HTTPBearer(
 )
 
 
-async def get_principal(
-    session: Annotated[AsyncSession, Depends(get_session)],
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+async def _principal(
+    executor: Reader, credentials: HTTPAuthorizationCredentials | None
 ) -> Principal | None:
-    """The caller's key; None while no key is configured (the open mode). 401 otherwise.
-
-    Reads with the request's own session (FastAPI shares it within a request)."""
     try:
-        return await authenticate(session, None if credentials is None else credentials.credentials)
+        return await authenticate(
+            executor, None if credentials is None else credentials.credentials
+        )
     except NotAuthenticated as exc:
         raise HTTPException(
             status_code=status.HTTP_401_UNAUTHORIZED,
@@ -63,8 +91,55 @@ async def get_principal(
         ) from None
 
 
+async def get_principal(
+    session: Annotated[AsyncSession, Depends(get_session)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal | None:
+    """The caller's key; None while no key is configured (the open mode). 401 otherwise.
+
+    Reads with the request's own session (FastAPI shares it within a request)."""
+    return await _principal(session, credentials)
+
+
+async def get_write_reader(
+    request: Request, connection: Annotated[AsyncConnection, Depends(get_connection)]
+) -> AsyncIterator[Reader]:
+    """Where a request that writes on its connection (get_connection) reads before it
+    writes: on SQLite, a SyncReader (see get_reader; reads outside the write transaction,
+    as SQLite's reads before a transaction's first write always were); elsewhere, that
+    connection itself."""
+    read_engine: Engine | None = request.app.state.read_engine
+    if read_engine is None:
+        yield connection
+        return
+    with read_engine.connect() as sync_connection:
+        yield SyncReader(sync_connection)
+
+
+async def get_writer_principal(
+    reader: Annotated[Reader, Depends(get_write_reader)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal | None:
+    """get_principal, for a request that writes on its own connection (see
+    get_write_reader)."""
+    return await _principal(reader, credentials)
+
+
+async def get_reader_principal(
+    connection: Annotated[Reader, Depends(get_reader)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal | None:
+    """get_principal, on the request's own read-only connection (see get_reader)."""
+    return await _principal(connection, credentials)
+
+
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 PrincipalDep = Annotated[Principal | None, Depends(get_principal)]
+ConnectionDep = Annotated[AsyncConnection, Depends(get_connection)]
+WriteReaderDep = Annotated[Reader, Depends(get_write_reader)]
+WriterPrincipalDep = Annotated[Principal | None, Depends(get_writer_principal)]
+ReaderDep = Annotated[Reader, Depends(get_reader)]
+ReaderPrincipalDep = Annotated[Principal | None, Depends(get_reader_principal)]
 SessionFactoryDep = Annotated[SessionFactory, Depends(get_session_factory)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EventsDep = Annotated[JobEvents, Depends(get_events)]

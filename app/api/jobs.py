@@ -11,12 +11,24 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BeforeValidator
 
 from app import store
-from app.api.deps import EventsDep, PoolDep, PrincipalDep, SessionDep, SettingsDep
+from app.api.deps import (
+    ConnectionDep,
+    EventsDep,
+    PoolDep,
+    PrincipalDep,
+    ReaderDep,
+    ReaderPrincipalDep,
+    SessionDep,
+    SettingsDep,
+    WriteReaderDep,
+    WriterPrincipalDep,
+)
 from app.auth import owner_filter, owner_of_new_jobs
-from app.events import wait_for_change
+from app.events import JobEvents, wait_for_change
 from app.models import (
     LABEL_KEY,
     ErrorBody,
+    Job,
     JobBatch,
     JobBatchCreate,
     JobCreate,
@@ -26,6 +38,7 @@ from app.models import (
     JobSummary,
 )
 from app.settings import Settings
+from app.worker.pool import WorkerPool
 
 Responses = dict[int | str, dict[str, Any]]
 
@@ -177,12 +190,30 @@ def _utc(instant: datetime | None) -> datetime | None:
 
 
 def _location(request: Request, job_id: object) -> str:
-    return str(request.url_for("get_job", job_id=str(job_id)).path)
+    """The path of GET /jobs/{id} (what url_for("get_job") gives, without its lookup)."""
+    return f"{request.scope.get('root_path', '')}{router.prefix}/{job_id}"
+
+
+_to_json = JobPublic.__pydantic_serializer__.to_json
+
+
+def _job_response(
+    job: Job | dict[str, Any], status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """A job (or its row) as JobPublic JSON, validated and serialized once (FastAPI would validate
+    a returned model again for the route's response_model, which documents the shape)."""
+    return Response(
+        _to_json(JobPublic.model_validate(job)),
+        status_code=status_code,
+        headers=headers,
+        media_type="application/json",
+    )
 
 
 @router.post(
     "",
     status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
     operation_id="submit_job",
     summary="Submit a job",
     description=(
@@ -200,11 +231,9 @@ def _location(request: Request, job_id: object) -> str:
 async def submit_job(
     job_in: JobCreate,
     request: Request,
-    response: Response,
-    principal: PrincipalDep,
-    session: SessionDep,
-    settings: SettingsDep,
-    pool: PoolDep,
+    principal: WriterPrincipalDep,
+    reader: WriteReaderDep,
+    connection: ConnectionDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -213,24 +242,27 @@ async def submit_job(
             description="Any 1-255 printable ASCII characters, unique per intended job",
         ),
     ] = None,
-) -> JobPublic:
+) -> Response:
+    # The app's state directly, not through dependencies: each costs on every request.
+    settings: Settings = request.app.state.settings
+    pool: WorkerPool | None = request.app.state.pool
     check_caps(job_in, settings)
     job, created = await store.create_job(
-        session=session,
+        session=connection,
+        reader=reader,
         job_in=job_in,
         settings=settings,
         idempotency_key=idempotency_key,
         owner=owner_of_new_jobs(principal),
         owner_max_queued=None if principal is None else principal.max_queued,
     )
+    headers = {"Location": _location(request, job.id)}
     if created:
         if pool is not None:
             pool.wake()
-    else:
-        response.status_code = status.HTTP_200_OK
-        response.headers["Idempotent-Replayed"] = "true"
-    response.headers["Location"] = _location(request, job.id)
-    return JobPublic.model_validate(job)
+        return _job_response(job, status.HTTP_202_ACCEPTED, headers)
+    headers["Idempotent-Replayed"] = "true"
+    return _job_response(job, status.HTTP_200_OK, headers)
 
 
 @router.post(
@@ -309,6 +341,7 @@ async def list_jobs(
 
 @router.get(
     "/{job_id}",
+    response_model=JobPublic,
     operation_id="get_job",
     summary="Get a job, or wait for it to finish",
     description=(
@@ -320,30 +353,29 @@ async def list_jobs(
 )
 async def get_job(
     job_id: str,
-    principal: PrincipalDep,
-    session: SessionDep,
-    settings: SettingsDep,
-    events: EventsDep,
+    request: Request,
+    principal: ReaderPrincipalDep,
+    connection: ReaderDep,
     wait: Annotated[
         float | None, Query(ge=0, le=86400, description="Seconds to wait for a terminal state")
     ] = None,
-) -> JobPublic:
+) -> Response:
     uuid_ = store.parse_job_id(job_id)
     owner = owner_filter(principal)
     if not wait:
-        return JobPublic.model_validate(
-            await store.get_job(session=session, job_id=uuid_, owner=owner)
-        )
+        return _job_response(await store.read_job(session=connection, job_id=uuid_, owner=owner))
+    settings: Settings = request.app.state.settings
+    events: JobEvents = request.app.state.events
     deadline = asyncio.get_running_loop().time() + min(wait, settings.wait_max_seconds)
     with events.subscribe(uuid_) as changed:
         while True:
             changed.clear()
-            job = await store.get_job(session=session, job_id=uuid_, owner=owner)
-            # A read ends the transaction, so the next read sees later commits.
-            await session.commit()
+            # Each read stands alone (no transaction is kept: see get_reader), so the next
+            # one sees later commits.
+            job = await store.read_job(session=connection, job_id=uuid_, owner=owner)
             remaining = deadline - asyncio.get_running_loop().time()
-            if job.state.is_terminal or remaining <= 0:
-                return JobPublic.model_validate(job)
+            if JobState(job["state"]).is_terminal or remaining <= 0:
+                return _job_response(job)
             # Notifications wake us at once; the re-read is a fallback for a missed one.
             await wait_for_change(changed, min(remaining, settings.poll_interval_seconds))
 

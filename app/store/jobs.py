@@ -7,15 +7,34 @@ import json
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from functools import cache
+from typing import Any, cast
 
-from sqlalchemy import and_, case, delete, func, or_, select, update
+from sqlalchemy import (
+    BindParameter,
+    CursorResult,
+    Insert,
+    Row,
+    String,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    inspect,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased, defer
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import defer, make_transient_to_detached
 from sqlmodel import col
 
-from app.db import JOB_EVENTS_CHANNEL, SUBMISSIONS_CHANNEL
+from app.db import JOB_EVENTS_CHANNEL, SUBMISSIONS_CHANNEL, Reader
 from app.errors import (
     IdempotencyKeyReused,
     InvalidCursor,
@@ -34,6 +53,7 @@ from app.models import (
     Instance,
     Job,
     JobCreate,
+    JobPublic,
     JobResult,
     JobState,
     LogChunk,
@@ -58,10 +78,41 @@ def _is_postgresql(session: AsyncSession) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
+# The hot statements below (claim, the writes under a claim, lease renewal, notify) are built
+# once, in SQLAlchemy Core on the tables, with bind parameters for every per-call value:
+# each execution then reuses the statement's memoized cache key and its compiled form, and
+# skips the ORM's bulk-UPDATE machinery. Bind names never equal column names (SQLAlchemy
+# reserves those in SET clauses).
+JOBS: Table = Job.__table__  # type: ignore[attr-defined]
+LOG_CHUNKS: Table = LogChunk.__table__  # type: ignore[attr-defined]
+_JOB_MANAGER = inspect(Job).class_manager
+
+
+def _job_from_row(row: Row[Any]) -> Job:
+    """A detached Job of a full row of `jobs`, as a query and a closed session would leave it
+    (without validating it again, which costs far more than the claim's SQL)."""
+    job: Job = _JOB_MANAGER.new_instance()
+    job.__dict__.update(row._mapping)
+    make_transient_to_detached(job)
+    return job
+
+
+@cache
+def _notify_statement() -> Any:
+    return select(
+        func.pg_notify(
+            bindparam("notify_channel", type_=String()), bindparam("notify_payload", type_=String())
+        )
+    )
+
+
 async def notify_job_changed(session: AsyncSession, job_id: uuid.UUID) -> None:
     """On PostgreSQL, tell callers waiting in other processes (delivered on commit)."""
     if _is_postgresql(session):
-        await session.execute(select(func.pg_notify(JOB_EVENTS_CHANNEL, str(job_id))))
+        await session.execute(
+            _notify_statement(),
+            {"notify_channel": JOB_EVENTS_CHANNEL, "notify_payload": str(job_id)},
+        )
 
 
 def request_hash(job_in: JobCreate) -> str:
@@ -70,31 +121,35 @@ def request_hash(job_in: JobCreate) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _new_job(job_in: JobCreate, settings: Settings) -> Job:
-    return Job.model_validate(
-        job_in,
-        update={
-            "cpu_shares": job_in.cpu_shares or settings.default_cpu_shares,
-            "cpus": job_in.cpus or settings.default_cpus,
-            "memory_mb": job_in.memory_mb or settings.default_memory_mb,
-            "timeout_seconds": job_in.timeout_seconds or settings.default_timeout_seconds,
-        },
-    )
+def _new_job(
+    job_in: JobCreate, settings: Settings, owner: uuid.UUID | None = None
+) -> dict[str, Any]:
+    """The row of a new queued job (every column: the Job defaults, then what the caller
+    asked for, then the service's defaults for what it left out). Built directly from the
+    validated submission: no second validation as a Job."""
+    row = {name: factory() for name, factory in _JOB_DEFAULT_FACTORIES}
+    row.update(_JOB_DEFAULTS)
+    row.update({name: getattr(job_in, name) for name in _SUBMITTED_FIELDS})
+    row["cpu_shares"] = job_in.cpu_shares or settings.default_cpu_shares
+    row["cpus"] = job_in.cpus or settings.default_cpus
+    row["memory_mb"] = job_in.memory_mb or settings.default_memory_mb
+    row["timeout_seconds"] = job_in.timeout_seconds or settings.default_timeout_seconds
+    row["owner"] = owner
+    return row
 
 
-async def _count_queued(session: AsyncSession, *conditions: Any) -> int:
-    """How many jobs are queued (of those that meet `conditions`)."""
-    count = await session.execute(
-        select(func.count()).select_from(Job).where(col(Job.state) == JobState.queued, *conditions)
-    )
+async def _count_queued(session: Reader, owner: uuid.UUID | None = None) -> int:
+    """How many jobs are queued (of the owner's, with `owner`)."""
+    count = await session.execute(_COUNT_QUEUED[owner is not None], {"count_owner": owner})
     return int(count.scalar_one())
 
 
-async def _check_queue_room(session: AsyncSession, settings: Settings, adding: int) -> None:
+async def _check_queue_room(session: Reader, settings: Settings, adding: int) -> None:
     if not settings.max_queued:
         return
-    queued = await _count_queued(session)
-    if queued + adding > settings.max_queued:
+    # Whether queued + adding > max_queued, without counting every queued job.
+    if await _more_queued_than(session, None, settings.max_queued - adding):
+        queued = await _count_queued(session)  # for the message only
         raise QueueFull(
             f"the queue is full: {queued} jobs are waiting and this service takes at most "
             f"{settings.max_queued}; retry later",
@@ -103,7 +158,7 @@ async def _check_queue_room(session: AsyncSession, settings: Settings, adding: i
 
 
 async def _check_owner_quota(
-    session: AsyncSession,
+    session: Reader,
     settings: Settings,
     owner: uuid.UUID | None,
     max_queued: int | None,
@@ -112,8 +167,8 @@ async def _check_owner_quota(
     """429 for a key whose queued jobs would exceed its quota."""
     if owner is None or max_queued is None:
         return
-    queued = await _count_queued(session, col(Job.owner) == owner)
-    if queued + adding > max_queued:
+    if await _more_queued_than(session, owner, max_queued - adding):
+        queued = await _count_queued(session, owner)  # for the message only
         raise QuotaExceeded(
             f"this API key has {queued} jobs queued and may have at most {max_queued}; "
             "retry when some have started",
@@ -126,85 +181,93 @@ def _scoped_key(owner: uuid.UUID | None, key: str) -> str:
     return key if owner is None else f"{owner.hex}:{key}"
 
 
-async def _add_jobs(session: AsyncSession, jobs: Sequence[Job]) -> None:
-    session.add_all(jobs)
-    if _is_postgresql(session):
+async def _add_jobs(
+    session: AsyncSession | AsyncConnection, jobs: Sequence[dict[str, Any]]
+) -> None:
+    """Insert the rows (one Core INSERT, no unit of work) and commit."""
+    await session.execute(_INSERT_JOB, list(jobs) if len(jobs) > 1 else jobs[0])
+    if _executes_on_postgresql(session):
         # Delivered on commit: idle workers in other processes look for work at once.
-        await session.execute(select(func.pg_notify(SUBMISSIONS_CHANNEL, "")))
+        await session.execute(
+            _notify_statement(), {"notify_channel": SUBMISSIONS_CHANNEL, "notify_payload": ""}
+        )
     await session.commit()
 
 
 async def _job_with_key(
-    session: AsyncSession, key: str, fingerprint: str, settings: Settings
-) -> Job | None:
-    """The live job submitted under `key`, if any; an expired key is released."""
-    job = (
-        await session.execute(select(Job).where(col(Job.idempotency_key) == key))
-    ).scalar_one_or_none()
-    if job is None:
+    session: AsyncSession | AsyncConnection, key: str, fingerprint: str, settings: Settings
+) -> dict[str, Any] | None:
+    """The live job (its row) submitted under `key`, if any; an expired key is released."""
+    found = (await session.execute(select(JOBS).where(JOBS.c.idempotency_key == key))).one_or_none()
+    if found is None:
         return None
-    if job.created_at <= utc_now() - settings.idempotency_ttl:
+    job: dict[str, Any] = found._asdict()
+    if job["created_at"] <= utc_now() - settings.idempotency_ttl:
         await session.execute(
-            update(Job)
-            .where(col(Job.id) == job.id, col(Job.idempotency_key) == key)
+            update(JOBS)
+            .where(JOBS.c.id == job["id"], JOBS.c.idempotency_key == key)
             .values(idempotency_key=None, request_hash=None)
         )
         await session.commit()
         return None
-    if job.request_hash != fingerprint:
+    if job["request_hash"] != fingerprint:
         # The caller's own key, not the owner-scoped form it is stored in.
-        shown = key if job.owner is None else key.removeprefix(f"{job.owner.hex}:")
+        owner = job["owner"]
+        shown = key if owner is None else key.removeprefix(f"{owner.hex}:")
         raise IdempotencyKeyReused(
-            f"the Idempotency-Key {shown!r} was used for a different request (job {job.id}); "
-            "use a new key for a new job"
+            f"the Idempotency-Key {shown!r} was used for a different request "
+            f"(job {job['id']}); use a new key for a new job"
         )
     return job
 
 
 async def create_job(
     *,
-    session: AsyncSession,
+    session: AsyncSession | AsyncConnection,
     job_in: JobCreate,
     settings: Settings,
     idempotency_key: str | None = None,
     owner: uuid.UUID | None = None,
     owner_max_queued: int | None = None,
+    reader: Reader | None = None,
 ) -> tuple[Job, bool]:
     """Queue a job. With an idempotency key already used for the same request, the job
     it made is returned instead; the flag says whether a job was created.
 
     `owner` (the submitting API key) owns the job and scopes its idempotency key;
-    `owner_max_queued` is that key's quota of queued jobs."""
-    fingerprint = request_hash(job_in)
+    `owner_max_queued` is that key's quota of queued jobs. Writes and commits on `session`,
+    a session or a bare connection; reads the quotas on `reader` if given (the quotas were
+    never read in the write transaction on SQLite, where reads run in autocommit)."""
     stored_key = None if idempotency_key is None else _scoped_key(owner, idempotency_key)
+    fingerprint = None
     if stored_key is not None:
+        fingerprint = request_hash(job_in)
         existing = await _job_with_key(session, stored_key, fingerprint, settings)
         if existing is not None:
-            return existing, False
-    await _check_owner_quota(session, settings, owner, owner_max_queued, 1)
-    await _check_queue_room(session, settings, 1)
-    job = _new_job(job_in, settings)
-    job.owner = owner
+            return _detached_job(existing), False
+    await _check_owner_quota(reader or session, settings, owner, owner_max_queued, 1)
+    await _check_queue_room(reader or session, settings, 1)
+    job = _new_job(job_in, settings, owner)
     if stored_key is not None:
-        job.idempotency_key = stored_key
-        job.request_hash = fingerprint
+        job["idempotency_key"] = stored_key
+        job["request_hash"] = fingerprint
     try:
         await _add_jobs(session, [job])
     except IntegrityError:
         # The same key, submitted at the same moment by another request, won.
         await session.rollback()
-        if stored_key is None:
+        if stored_key is None or fingerprint is None:
             raise
         existing = await _job_with_key(session, stored_key, fingerprint, settings)
         if existing is None:
             raise
-        return existing, False
-    return job, True
+        return _detached_job(existing), False
+    return _detached_job(job), True
 
 
 async def create_jobs(
     *,
-    session: AsyncSession,
+    session: AsyncSession | AsyncConnection,
     jobs_in: Sequence[JobCreate],
     settings: Settings,
     owner: uuid.UUID | None = None,
@@ -213,11 +276,9 @@ async def create_jobs(
     """Queue several jobs in one transaction: all of them or none."""
     await _check_owner_quota(session, settings, owner, owner_max_queued, len(jobs_in))
     await _check_queue_room(session, settings, len(jobs_in))
-    jobs = [_new_job(job_in, settings) for job_in in jobs_in]
-    for job in jobs:
-        job.owner = owner
+    jobs = [_new_job(job_in, settings, owner) for job_in in jobs_in]
     await _add_jobs(session, jobs)
-    return jobs
+    return [_detached_job(job) for job in jobs]
 
 
 async def get_job(
@@ -362,16 +423,20 @@ async def _update_job(
     return result.scalar_one_or_none()
 
 
-def _terminal(state: JobState, now: datetime, **values: Any) -> dict[str, Any]:
-    """The columns of a job reaching a terminal state; its webhook, if any, becomes due."""
+def _terminal(
+    state: JobState | BindParameter[Any], now: datetime | BindParameter[Any], **values: Any
+) -> dict[str, Any]:
+    """The columns of a job reaching a terminal state; its webhook, if any, becomes due.
+
+    On the table's columns, not the ORM's: usable in Core statements and ORM ones alike."""
     return {
         "state": state,
         "finished_at": now,
         "lease_expires_at": None,
         "callback_state": case(
-            (col(Job.callback_url).is_not(None), CallbackState.pending.value), else_=None
+            (JOBS.c.callback_url.is_not(None), CallbackState.pending.value), else_=None
         ),
-        "callback_next_at": case((col(Job.callback_url).is_not(None), now), else_=None),
+        "callback_next_at": case((JOBS.c.callback_url.is_not(None), now), else_=None),
         # No attempt will read it again; it may be large, or secret.
         "stdin": None,
         **values,
@@ -408,31 +473,54 @@ async def cancel_job(
 async def claim_next_job(
     *, session: AsyncSession, worker_id: str, lease_seconds: float
 ) -> Job | None:
-    """Atomically move the best queued job to running under this worker's lease."""
+    """Atomically move the best queued job to running under this worker's lease.
+
+    The job comes back detached, with every column as the claim left it."""
     now = utc_now()
+    claimed = await session.execute(
+        _claim_statement(),
+        {
+            "claim_now": now,
+            "claim_worker_id": worker_id,
+            "claim_lease_expires_at": now + timedelta(seconds=lease_seconds),
+        },
+    )
+    row = claimed.one_or_none()
+    await session.commit()
+    return None if row is None else _job_from_row(row)
+
+
+@cache
+def _claim_statement() -> Update:
+    """UPDATE the best queued job (FOR UPDATE SKIP LOCKED on PostgreSQL) to running;
+    RETURNING the whole row. Binds: claim_now, claim_worker_id, claim_lease_expires_at."""
+    now = bindparam("claim_now", type_=JOBS.c.run_after.type)
     best = (
-        select(col(Job.id))
+        select(JOBS.c.id)
         .where(
-            col(Job.state) == JobState.queued,
-            col(Job.run_after) <= now,
+            JOBS.c.state == JobState.queued,
+            JOBS.c.run_after <= now,
             _owner_below_max_running(),
         )
-        .order_by(col(Job.priority).desc(), col(Job.created_at).asc())
+        .order_by(JOBS.c.priority.desc(), JOBS.c.created_at.asc())
         .limit(1)
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
-    job = await _update_job(
-        session,
-        [col(Job.id) == best, col(Job.state) == JobState.queued],
-        state=JobState.running,
-        worker_id=worker_id,
-        attempt=col(Job.attempt) + 1,
-        lease_expires_at=now + timedelta(seconds=lease_seconds),
-        started_at=now,
+    return (
+        update(JOBS)
+        .where(JOBS.c.id == best, JOBS.c.state == JobState.queued)
+        .values(
+            state=JobState.running,
+            worker_id=bindparam("claim_worker_id", type_=JOBS.c.worker_id.type),
+            attempt=JOBS.c.attempt + 1,
+            lease_expires_at=bindparam(
+                "claim_lease_expires_at", type_=JOBS.c.lease_expires_at.type
+            ),
+            started_at=now,
+        )
+        .returning(*JOBS.c)
     )
-    await session.commit()
-    return job
 
 
 def _owner_below_max_running() -> Any:
@@ -443,40 +531,116 @@ def _owner_below_max_running() -> Any:
     owner passes at once. Concurrent claims may overshoot a limit by at most the number
     of claims made at the same instant.
     """
-    running = aliased(Job)
+    keys: Table = ApiKey.__table__  # type: ignore[attr-defined]
+    running = JOBS.alias("running_jobs")
     running_count = (
         select(func.count())
         .select_from(running)
-        .where(col(running.owner) == col(ApiKey.id), col(running.state) == JobState.running)
-        .correlate(ApiKey)
+        .where(running.c.owner == keys.c.id, running.c.state == JobState.running)
+        .correlate(keys)
         .scalar_subquery()
     )
-    at_limit = select(col(ApiKey.id)).where(
-        col(ApiKey.max_running).is_not(None), col(ApiKey.max_running) <= running_count
+    at_limit = select(keys.c.id).where(
+        keys.c.max_running.is_not(None), keys.c.max_running <= running_count
     )
-    return or_(col(Job.owner).is_(None), col(Job.owner).not_in(at_limit))
+    return or_(JOBS.c.owner.is_(None), JOBS.c.owner.not_in(at_limit))
+
+
+def _held_update(values: dict[str, Any]) -> Update:
+    """An UPDATE of a running job only while this worker's claim on it holds (binds:
+    held_job_id, held_worker_id). Without RETURNING: its row count says whether it held
+    (one round trip to SQLite's thread fewer than fetching a returned row)."""
+    return (
+        update(JOBS)
+        .where(
+            JOBS.c.id == bindparam("held_job_id", type_=JOBS.c.id.type),
+            JOBS.c.worker_id == bindparam("held_worker_id", type_=JOBS.c.worker_id.type),
+            JOBS.c.state == JobState.running,
+        )
+        .values(values)
+    )
 
 
 async def _write_while_held(
     session: AsyncSession,
-    job_id: uuid.UUID,
-    worker_id: str,
-    values: dict[str, Any],
+    statement: Update,
+    params: dict[str, Any],
     chunks: Sequence[LogChunk] = (),
+    *,
+    number_chunks: bool = False,
 ) -> bool:
-    """Update a running job only while this worker's claim on it holds (and store its last
-    log chunks in the same transaction); commit."""
-    written = await session.execute(
-        update(Job)
-        .where(*held_by(job_id, worker_id))  # type: ignore[arg-type]
-        .values(**values)
-        .returning(col(Job.id))
-    )
-    held = written.scalar_one_or_none() is not None
+    """Run a `_held_update`; while the claim holds, store the job's last log chunks in the
+    same transaction; commit.
+
+    With `number_chunks`, the chunks' seqs count on from the job's last stored chunk (0
+    for none): the first chunk's INSERT reads it (see `_numbered_chunk_insert`), the
+    others follow in one executemany. Otherwise they go as numbered, in one executemany."""
+    written = await session.execute(statement, params)
+    held = cast("CursorResult[Any]", written).rowcount == 1
     if held and chunks:
-        session.add_all(chunks)
+        offset = 0
+        if number_chunks:
+            first, *chunks = chunks
+            first_seq = (
+                await session.execute(_numbered_chunk_insert(), _numbered_chunk_params(first))
+            ).scalar_one()
+            offset = first_seq - first.seq
+        if chunks:
+            await session.execute(insert(LOG_CHUNKS), chunk_rows(chunks, offset))
     await session.commit()
     return held
+
+
+@cache
+def _numbered_chunk_insert() -> Insert:
+    """INSERT a chunk as the job's next one: its seq, one past the job's last stored
+    chunk's (or 0), is read by the INSERT itself and RETURNED.
+
+    The caller holds the job's claim in this transaction (the job's row is written first):
+    under SQLite's write lock, or the row lock on PostgreSQL, with every writer of chunks
+    checking the claim, no other attempt's chunks can commit meanwhile."""
+    job_id = bindparam("chunk_job_id", type_=LOG_CHUNKS.c.job_id.type)
+    stored = LOG_CHUNKS.alias("stored_chunks")
+    return (
+        insert(LOG_CHUNKS)
+        .values(
+            job_id=job_id,
+            seq=select(func.coalesce(func.max(stored.c.seq) + 1, 0))
+            .where(stored.c.job_id == job_id)
+            .scalar_subquery(),
+            attempt=bindparam("chunk_attempt", type_=LOG_CHUNKS.c.attempt.type),
+            stream=bindparam("chunk_stream", type_=LOG_CHUNKS.c.stream.type),
+            data=bindparam("chunk_data", type_=LOG_CHUNKS.c.data.type),
+            created_at=bindparam("chunk_created_at", type_=LOG_CHUNKS.c.created_at.type),
+        )
+        .returning(LOG_CHUNKS.c.seq)
+    )
+
+
+def _numbered_chunk_params(chunk: LogChunk) -> dict[str, Any]:
+    """The parameters of `_numbered_chunk_insert` for a chunk (its own seq is not used)."""
+    return {
+        "chunk_job_id": chunk.job_id,
+        "chunk_attempt": chunk.attempt,
+        "chunk_stream": chunk.stream,
+        "chunk_data": chunk.data,
+        "chunk_created_at": chunk.created_at,
+    }
+
+
+def chunk_rows(chunks: Sequence[LogChunk], offset: int = 0) -> list[dict[str, Any]]:
+    """The rows of log chunks (seqs shifted by `offset`), for a Core executemany INSERT."""
+    return [
+        {
+            "job_id": chunk.job_id,
+            "seq": offset + chunk.seq,
+            "attempt": chunk.attempt,
+            "stream": chunk.stream,
+            "data": chunk.data,
+            "created_at": chunk.created_at,
+        }
+        for chunk in chunks
+    ]
 
 
 def held_by(job_id: uuid.UUID, worker_id: str) -> list[object]:
@@ -488,6 +652,16 @@ def held_by(job_id: uuid.UUID, worker_id: str) -> list[object]:
     ]
 
 
+@cache
+def _record_container_statement() -> Update:
+    return _held_update(
+        {
+            "container_id": bindparam("record_container_id", type_=JOBS.c.container_id.type),
+            "limits": bindparam("record_limits", type_=JOBS.c.limits.type),
+        }
+    )
+
+
 async def record_container(
     *,
     session: AsyncSession,
@@ -497,23 +671,50 @@ async def record_container(
     limits: AppliedLimits,
 ) -> None:
     await _write_while_held(
-        session, job_id, worker_id, {"container_id": container_id, "limits": limits.model_dump()}
+        session,
+        _record_container_statement(),
+        {
+            "held_job_id": job_id,
+            "held_worker_id": worker_id,
+            "record_container_id": container_id,
+            "record_limits": limits.model_dump(),
+        },
+    )
+
+
+@cache
+def _release_statement() -> Update:
+    return _held_update(
+        {
+            "state": JobState.queued,
+            "worker_id": None,
+            "lease_expires_at": None,
+            "started_at": None,
+            "attempt": JOBS.c.attempt - 1,
+        }
     )
 
 
 async def release_job(*, session: AsyncSession, job_id: uuid.UUID, worker_id: str) -> bool:
     """Undo a claim whose job never started: back to the queue, the attempt not counted."""
     return await _write_while_held(
-        session,
-        job_id,
-        worker_id,
-        {
-            "state": JobState.queued,
-            "worker_id": None,
-            "lease_expires_at": None,
-            "started_at": None,
-            "attempt": col(Job.attempt) - 1,
-        },
+        session, _release_statement(), {"held_job_id": job_id, "held_worker_id": worker_id}
+    )
+
+
+@cache
+def _renew_statement() -> Update:
+    return (
+        update(JOBS)
+        .where(
+            JOBS.c.id.in_(bindparam("renew_job_ids", expanding=True)),
+            JOBS.c.worker_id == bindparam("renew_worker_id", type_=JOBS.c.worker_id.type),
+            JOBS.c.state == JobState.running,
+        )
+        .values(
+            lease_expires_at=bindparam("renew_lease_expires_at", type_=JOBS.c.lease_expires_at.type)
+        )
+        .returning(JOBS.c.id, JOBS.c.cancel_requested)
     )
 
 
@@ -524,18 +725,35 @@ async def renew_leases(
     if not job_ids:
         return {}
     result = await session.execute(
-        update(Job)
-        .where(
-            col(Job.id).in_(job_ids),
-            col(Job.worker_id) == worker_id,
-            col(Job.state) == JobState.running,
-        )
-        .values(lease_expires_at=utc_now() + timedelta(seconds=lease_seconds))
-        .returning(col(Job.id), col(Job.cancel_requested))
+        _renew_statement(),
+        {
+            "renew_job_ids": list(job_ids),
+            "renew_worker_id": worker_id,
+            "renew_lease_expires_at": utc_now() + timedelta(seconds=lease_seconds),
+        },
     )
     held = {job_id: cancel for job_id, cancel in result}
     await session.commit()
     return held
+
+
+@cache
+def _finish_statement() -> Update:
+    def bound(name: str) -> BindParameter[Any]:
+        return bindparam(f"finish_{name}", type_=JOBS.c[name].type)
+
+    return _held_update(
+        _terminal(
+            bound("state"),
+            bindparam("finish_now", type_=JOBS.c.finished_at.type),
+            exit_code=bound("exit_code"),
+            stdout=bound("stdout"),
+            stderr=bound("stderr"),
+            output_truncated=bound("output_truncated"),
+            error=bound("error"),
+            resources=bound("resources"),
+        )
+    )
 
 
 async def finish_job(
@@ -545,28 +763,33 @@ async def finish_job(
     worker_id: str,
     result: JobResult,
     chunks: Sequence[LogChunk] = (),
+    number_chunks: bool = False,
 ) -> bool:
     """Write a terminal state, only while this worker's claim holds. False if it did not.
 
-    `chunks`, the attempt's last log chunks, are stored in the same transaction."""
+    `chunks`, the attempt's last log chunks, are stored in the same transaction; with
+    `number_chunks`, they take the job's next seqs, in order, read by their INSERT (so the
+    caller need not query the job's next seq first)."""
     if not result.state.is_terminal:
         raise ValueError(f"{result.state} is not a terminal state")
     await notify_job_changed(session, job_id)
     return await _write_while_held(
         session,
-        job_id,
-        worker_id,
-        _terminal(
-            result.state,
-            utc_now(),
-            exit_code=result.exit_code,
-            stdout=result.stdout,
-            stderr=result.stderr,
-            output_truncated=result.output_truncated,
-            error=result.error,
-            resources=None if result.resources is None else result.resources.model_dump(),
-        ),
+        _finish_statement(),
+        {
+            "held_job_id": job_id,
+            "held_worker_id": worker_id,
+            "finish_state": result.state,
+            "finish_now": utc_now(),
+            "finish_exit_code": result.exit_code,
+            "finish_stdout": result.stdout,
+            "finish_stderr": result.stderr,
+            "finish_output_truncated": result.output_truncated,
+            "finish_error": result.error,
+            "finish_resources": None if result.resources is None else result.resources.model_dump(),
+        },
         chunks,
+        number_chunks=number_chunks,
     )
 
 
@@ -629,10 +852,12 @@ async def retry_job(
     result: JobResult,
     run_after: datetime,
     chunks: Sequence[LogChunk] = (),
+    number_chunks: bool = False,
 ) -> bool:
     """Record a failed attempt and queue the next one, only while this worker's claim holds.
 
-    `chunks`, the attempt's last log chunks, are stored in the same transaction."""
+    `chunks`, the attempt's last log chunks, are stored in the same transaction (numbered
+    as by `finish_job`)."""
     record = AttemptRecord(
         attempt=job.attempt,
         state=result.state,
@@ -645,7 +870,11 @@ async def retry_job(
     attempts = [*(job.attempts or []), record.model_dump(mode="json")]
     await notify_job_changed(session, job.id)
     return await _write_while_held(
-        session, job.id, worker_id, _requeued(run_after, attempts), chunks
+        session,
+        _held_update(_requeued(run_after, attempts)),
+        {"held_job_id": job.id, "held_worker_id": worker_id},
+        chunks,
+        number_chunks=number_chunks,
     )
 
 
@@ -729,3 +958,90 @@ async def get_states(
         select(col(Job.id), col(Job.state)).where(col(Job.id).in_(job_ids))
     )
     return {job_id: JobState(state) for job_id, state in rows}
+
+
+# The submission: the columns a caller fills in, and every other column's Job default.
+_SUBMITTED_FIELDS = tuple(JobCreate.model_fields)
+_JOB_DEFAULTS = {
+    name: field.default
+    for name, field in Job.model_fields.items()
+    if not field.is_required() and field.default_factory is None
+}
+_JOB_DEFAULT_FACTORIES: tuple[tuple[str, Callable[[], Any]], ...] = tuple(
+    (name, field.default_factory)  # type: ignore[misc]  # none takes the validated data
+    for name, field in Job.model_fields.items()
+    if field.default_factory is not None
+)
+# What GET /jobs/{id} answers with (JobPublic's fields, all columns), by id; and by id and
+# owner for a tenant's own jobs.
+_READ_JOB = select(*(JOBS.c[name] for name in JobPublic.model_fields)).where(
+    JOBS.c.id == bindparam("read_id")
+)
+_READ_OWN_JOB = _READ_JOB.where(JOBS.c.owner == bindparam("read_owner"))
+
+
+_INSERT_JOB = insert(JOBS)
+
+
+def _queued(by_owner: bool) -> Any:
+    """The queued jobs (of the owner `count_owner`), as the index on state reads them."""
+    owned = [JOBS.c.owner == bindparam("count_owner")] if by_owner else []
+    return select(1).select_from(JOBS).where(JOBS.c.state == JobState.queued, *owned)
+
+
+# The count of the queued jobs (of one owner); and a probe for the (n+1)th of them, which
+# reads at most n + 1 index entries where a count reads all.
+_COUNT_QUEUED = {
+    by_owner: select(func.count()).select_from(_queued(by_owner).subquery())
+    for by_owner in (False, True)
+}
+_PROBE_QUEUED = {
+    by_owner: _queued(by_owner).limit(1).offset(bindparam("probe_offset"))
+    for by_owner in (False, True)
+}
+
+
+async def _more_queued_than(session: Reader, owner: uuid.UUID | None, limit: int) -> bool:
+    """Whether more than `limit` jobs are queued (of the owner's, with `owner`)."""
+    if limit < 0:
+        return True
+    found = await session.execute(
+        _PROBE_QUEUED[owner is not None], {"count_owner": owner, "probe_offset": limit}
+    )
+    return found.first() is not None
+
+
+def _detached_job(row: dict[str, Any]) -> Job:
+    """A detached Job of a full row, as a closed session would leave it (not validated
+    again: the row was built from a validated submission, or read from the table)."""
+    inspect(Job).attrs  # noqa: B018  configures the mappers once (none may have run yet)
+    job: Job = _JOB_MANAGER.new_instance()
+    job.__dict__.update(row)
+    make_transient_to_detached(job)
+    return job
+
+
+def _executes_on_postgresql(session: AsyncSession | AsyncConnection) -> bool:
+    if isinstance(session, AsyncConnection):
+        return session.dialect.name == "postgresql"
+    return _is_postgresql(session)
+
+
+async def read_job(
+    *,
+    session: Reader,
+    job_id: uuid.UUID,
+    owner: uuid.UUID | None = None,
+) -> dict[str, Any]:
+    """get_job as a row of JobPublic's columns: one Core SELECT, no ORM identity map (on a
+    session, a bare connection or a SyncReader). With `owner`, only that key's job."""
+    if owner is None:
+        row = (await session.execute(_READ_JOB, {"read_id": job_id})).one_or_none()
+    else:
+        row = (
+            await session.execute(_READ_OWN_JOB, {"read_id": job_id, "read_owner": owner})
+        ).one_or_none()
+    if row is None:
+        raise JobNotFound(f"no job has the id {job_id}")
+    job: dict[str, Any] = row._asdict()
+    return job

@@ -2,12 +2,14 @@
 
 import uuid
 from collections.abc import Sequence
+from typing import Any, cast
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import Row, bindparam, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
+from app.db import Reader
 from app.errors import ApiKeyNameTaken, ApiKeyNotFound
 from app.models import ApiKey, Job, JobState, utc_now
 
@@ -61,21 +63,25 @@ async def revoke_key(*, session: AsyncSession, name: str) -> ApiKey:
     return key
 
 
-async def find_active_key(*, session: AsyncSession, key_hash: str) -> ApiKey | None:
-    return (
-        await session.execute(
-            select(ApiKey).where(col(ApiKey.key_hash) == key_hash, col(ApiKey.revoked_at).is_(None))
-        )
-    ).scalar_one_or_none()
+_KEYS = ApiKey.__table__.c  # type: ignore[attr-defined]
+# Core statements (no ORM entities), built once: every request runs one of them.
+_FIND_ACTIVE_KEY = select(
+    _KEYS.id, _KEYS.name, _KEYS.key_hash, _KEYS.admin, _KEYS.max_queued, _KEYS.max_running
+).where(_KEYS.key_hash == bindparam("key_hash"), _KEYS.revoked_at.is_(None))
+_ANY_ACTIVE_KEY = select(exists().where(_KEYS.revoked_at.is_(None)))
 
 
-async def any_active_key(*, session: AsyncSession) -> bool:
+async def find_active_key(*, session: Reader, key_hash: str) -> Row[Any] | None:
+    """The active key with this hash: its id, name, key_hash, admin, max_queued and
+    max_running (not the ORM object: this runs on every request, on a session or a
+    bare connection)."""
+    found = await session.execute(_FIND_ACTIVE_KEY, {"key_hash": key_hash})
+    return cast("Row[Any] | None", found.one_or_none())
+
+
+async def any_active_key(*, session: Reader) -> bool:
     """Whether the service requires keys: some key exists that is not revoked."""
-    return bool(
-        (
-            await session.execute(select(exists().where(col(ApiKey.revoked_at).is_(None))))
-        ).scalar_one()
-    )
+    return bool((await session.execute(_ANY_ACTIVE_KEY)).scalar_one())
 
 
 async def count_active_jobs(*, session: AsyncSession, owner: uuid.UUID) -> tuple[int, int]:

@@ -8,14 +8,14 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from app.errors import JobNotFound
 from app.models import Job, JobState, LogChunk
-from app.store.jobs import held_by, notify_job_changed
+from app.store.jobs import LOG_CHUNKS, chunk_rows, held_by, notify_job_changed
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,10 @@ async def append_chunks(
     requeue the job between the check and the commit. False, with nothing written, if
     the claim is gone.
     """
-    session.add_all(chunks)
     try:
-        await session.flush()
+        if chunks:
+            # One Core executemany: the ORM's unit of work adds nothing for plain new rows.
+            await session.execute(insert(LOG_CHUNKS), chunk_rows(chunks))
     except IntegrityError:
         # Seqs taken: a later attempt of the job already writes its own output.
         await session.rollback()

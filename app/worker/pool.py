@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from app import store
 from app.aio import finish_despite_cancel
 from app.db import SessionFactory, is_postgresql, listen_for_submissions
@@ -432,8 +430,8 @@ class WorkerPool:
         retry = should_retry(job, result, infrastructure=infrastructure)
 
         async def write() -> None:
+            chunks, number_chunks = self._last_chunks(log, result)
             async with self._sessions() as session:
-                chunks = await self._last_chunks(session, log, result)
                 if retry:
                     written = await store.retry_job(
                         session=session,
@@ -442,6 +440,7 @@ class WorkerPool:
                         result=result,
                         run_after=self._next_run_after(job.attempt),
                         chunks=chunks,
+                        number_chunks=number_chunks,
                     )
                 else:
                     written = await store.finish_job(
@@ -450,6 +449,7 @@ class WorkerPool:
                         worker_id=self.worker_id,
                         result=result,
                         chunks=chunks,
+                        number_chunks=number_chunks,
                     )
             self.events.notify(job.id)
             if written and not retry:
@@ -515,20 +515,26 @@ class WorkerPool:
         if flusher is not None:
             await asyncio.gather(flusher, return_exceptions=True)
 
-    async def _last_chunks(
-        self, session: AsyncSession, log: JobLog | None, result: JobResult
-    ) -> list[LogChunk]:
+    def _last_chunks(self, log: JobLog | None, result: JobResult) -> tuple[list[LogChunk], bool]:
         """The attempt's output not yet stored, including any final tail that only the
-        result's reading of the output has (so the chunks add up to the stored output)."""
+        result's reading of the output has (so the chunks add up to the stored output).
+
+        True with them when no flush has read the job's next seq: they are numbered from 0,
+        and the store counts them from the job's next free seq in the result's own write
+        (whatever earlier attempts, releases or workers stored), with no query of its own."""
         if log is None:
-            return []
+            return [], False
         log.reconcile(result.stdout, result.stderr)
         taken = log.take()
         if not taken:
-            return []
-        if log.next_seq is None:
-            log.next_seq = await log_store.next_seq(session=session, job_id=log.job_id)
-        return log.chunks(taken)
+            return [], False
+        if log.next_seq is not None:
+            return log.chunks(taken), False
+        log.next_seq = 0
+        try:
+            return log.chunks(taken), True
+        finally:
+            log.next_seq = None
 
     async def _listen_loop(self) -> None:
         # Raises when the connection drops; _watched logs it and listens again.
