@@ -1,5 +1,6 @@
 """Fixtures: the real Docker engine, the busybox test image, real SQLite files, a real service."""
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -41,6 +42,21 @@ async def job_containers(docker: aiodocker.Docker, ids: Iterable[uuid.UUID]) -> 
     wanted = {str(i) for i in ids}
     listed = await docker.containers.list(all=True, filters=json.dumps({"label": [LABEL_JOB_ID]}))
     return [c.id for c in listed if (c["Labels"] or {}).get(LABEL_JOB_ID) in wanted]
+
+
+async def containers_left(
+    docker: aiodocker.Docker, ids: Iterable[uuid.UUID], within: float = 15.0
+) -> list[str]:
+    """The containers of these jobs still on the engine once `within` seconds have passed
+    without all of them gone. A worker records a job's result before it removes the
+    container, so the removal may end a moment after the job does."""
+    ids = list(ids)
+    deadline = asyncio.get_running_loop().time() + within
+    while (left := await job_containers(docker, ids)) and (
+        asyncio.get_running_loop().time() < deadline
+    ):
+        await asyncio.sleep(0.05)
+    return left
 
 
 @pytest.fixture(scope="session", autouse=True)

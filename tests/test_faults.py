@@ -22,7 +22,7 @@ import pytest
 from aiodocker.exceptions import DockerError
 
 from app.worker.runner import LABEL_ATTEMPT, LABEL_JOB_ID, LABEL_WORKER
-from tests.conftest import job_containers
+from tests.conftest import containers_left, job_containers
 from tests.support import engine as private
 from tests.support.databases import server_url
 from tests.support.engine import PrivateEngine
@@ -336,7 +336,7 @@ async def test_two_workers_run_200_jobs_each_exactly_once(
     assert {labels[LABEL_ATTEMPT] for labels in creates} == {"1"}
     per_worker = Counter(labels[LABEL_WORKER] for labels in creates)
     assert set(per_worker) == {"w1", "w2"}, per_worker
-    assert await job_containers(docker, ids) == []
+    assert await containers_left(docker, ids) == []
 
 
 async def test_a_killed_workers_jobs_are_rescued_by_another_worker_after_its_lease(
@@ -398,7 +398,7 @@ async def test_a_killed_workers_jobs_are_rescued_by_another_worker_after_its_lea
     assert retried["stdout"] == "2\n", brief(retried)
     [first] = retried["attempts"]
     assert first["attempt"] == 1 and "lost with its worker" in (first["error"] or ""), first
-    assert await job_containers(docker, job_ids(retried)) == []
+    assert await containers_left(docker, job_ids(retried)) == []
 
 
 # -- a graceful stop ----------------------------------------------------------------------
@@ -453,4 +453,4 @@ async def test_sigterm_claims_nothing_new_and_loses_no_running_job(
     ids = job_ids(*finished)
     per_job = Counter(labels[LABEL_JOB_ID] for labels in events.of_jobs(ids))
     assert per_job == Counter({str(job_id): 1 for job_id in ids})
-    assert await job_containers(docker, ids) == []
+    assert await containers_left(docker, ids) == []

@@ -9,7 +9,7 @@ import aiodocker
 import pytest
 
 from app.settings import MIB
-from tests.conftest import job_containers
+from tests.conftest import containers_left, job_containers
 from tests.support.databases import server_url
 from tests.support.service import Service, job_ids
 
@@ -175,7 +175,7 @@ async def test_twenty_jobs_at_once_all_finish_and_leave_no_container(
         assert job["state"] == "succeeded", job
         assert job["stdout"] == f"job {n}\n"
         assert job["attempt"] == 1
-    assert await job_containers(docker, job_ids(*finished)) == []
+    assert await containers_left(docker, job_ids(*finished)) == []
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +210,7 @@ async def test_cancel_queued_and_running_jobs(
     response = await one_worker.client.post(f"/jobs/{running['id']}/cancel")
     assert response.status_code == 409
     assert "cancelled" in response.json()["detail"]
-    assert await job_containers(docker, job_ids(running, queued)) == []
+    assert await containers_left(docker, job_ids(running, queued)) == []
 
 
 async def test_jobs_wait_while_the_engine_is_unreachable_and_the_service_keeps_serving(
@@ -275,7 +275,7 @@ async def test_sigterm_leaves_jobs_past_the_grace_for_re_attach(
         assert finished["stdout"] == "survived\n"
         assert finished["attempt"] == 1
         assert (await again.wait(queued["id"]))["stdout"] == "not yet\n"
-    assert await job_containers(docker, job_ids(job, queued)) == []
+    assert await containers_left(docker, job_ids(job, queued)) == []
 
 
 async def test_kill_9_then_restart_reattaches_running_jobs(
@@ -308,7 +308,7 @@ async def test_kill_9_then_restart_reattaches_running_jobs(
         assert hostname in containers
         assert output == f"job {n}"
     assert len({job["stdout"].split()[0] for job in finished}) == 5
-    assert await job_containers(docker, ids) == []
+    assert await containers_left(docker, ids) == []
 
 
 async def test_container_removed_from_outside_fails_the_job(

@@ -186,6 +186,9 @@ class WorkerPool:
         self._running: dict[uuid.UUID, RunningJob] = {}
         self._claim_task: asyncio.Task[None] | None = None
         self._side_tasks: list[asyncio.Task[None]] = []
+        # Removals of finished jobs' containers, still under way after their results were
+        # recorded and their slots freed; at most `concurrency` at once.
+        self._removals: set[asyncio.Task[None]] = set()
         self._stopping = False
         # Set when the engine could not be reached; claiming waits until it answers.
         self._engine_down = False
@@ -232,6 +235,8 @@ class WorkerPool:
             if late:
                 logger.info("left %d running jobs for re-attach", len(late))
             await asyncio.gather(*jobs, return_exceptions=True)
+        if self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
         for task in self._side_tasks:
             task.cancel()
         await asyncio.gather(*self._side_tasks, return_exceptions=True)
@@ -343,6 +348,7 @@ class WorkerPool:
         infrastructure = False
         log = JobLog(job.id, job.attempt)
         flusher: asyncio.Task[None] | None = None
+        run: ContainerRun | None = None
 
         async def on_created(new_container_id: str, limits: AppliedLimits) -> None:
             nonlocal created
@@ -400,6 +406,21 @@ class WorkerPool:
                 await self._record(job, result, infrastructure=infrastructure, log=log)
             elif not running.detach.is_set():
                 await self._release(job)
+            if run is not None and run.removal is not None:
+                await finish_despite_cancel(self._removing(run.removal))
+
+    async def _removing(self, removal: "asyncio.Task[None]") -> None:
+        """Let a recorded job's container removal finish without holding the job's slot,
+        unless `concurrency` removals are under way already (then wait for one to end).
+
+        The result is stored before the container goes, so a caller sees the job end one
+        removal sooner; should this process die first, the leftover container of a
+        finished job is removed at the next start (remove_leftover_containers).
+        """
+        self._removals.add(removal)
+        removal.add_done_callback(self._removals.discard)
+        while len(self._removals) > self.concurrency:
+            await asyncio.wait(self._removals, return_when=asyncio.FIRST_COMPLETED)
 
     async def _record_container(self, job: Job, container_id: str, limits: AppliedLimits) -> None:
         async with self._sessions() as session:
@@ -452,7 +473,7 @@ class WorkerPool:
                         number_chunks=number_chunks,
                     )
             self.events.notify(job.id)
-            if written and not retry:
+            if written and not retry and job.callback_url is not None:
                 self.webhooks.wake()
             if not written:
                 logger.warning("job %s: result dropped, this worker no longer holds it", job.id)

@@ -107,6 +107,9 @@ class ContainerRun:
     # Wall time, CPU time and peak memory where the engine reported them; the image run.
     # (None only from runners that know nothing of it, like the tests' fakes.)
     resources: ResourceReport | None = None
+    # The container's removal, still under way, from a runner made with
+    # `defer_removal`: the result need not wait for it. None: removed already.
+    removal: "asyncio.Task[None] | None" = None
 
 
 @dataclass(frozen=True)
@@ -208,8 +211,13 @@ class ContainerRunner:
         settings: Settings,
         worker_id: str,
         instance_id: str = "",
+        *,
+        defer_removal: bool = False,
     ) -> None:
         self._docker = docker
+        # Hand a finished container's removal back as `ContainerRun.removal` rather than
+        # finishing it before the result is returned (the pool records the result first).
+        self._defer_removal = defer_removal
         self._settings = settings
         self._worker_id = worker_id
         self._instance_id = instance_id
@@ -374,6 +382,7 @@ class ContainerRunner:
         readers read it; the final reading of followed logs may be longer (see
         `_complete`)."""
         tasks: list[asyncio.Task[Any]] = []
+        run: ContainerRun | None = None
         try:
             attached = await start(tasks)
             sampler = StatsSampler()
@@ -414,7 +423,7 @@ class ContainerRunner:
                     "Docker engine unreachable: it shut down while the job ran and stopped "
                     f"its container (exit code {exit_code})"
                 )
-            return ContainerRun(
+            run = ContainerRun(
                 stop_reason=stop_reason,
                 exit_code=None if stop_reason is not StopReason.exited else exit_code,
                 oom_killed=bool(state.get("OOMKilled")),
@@ -426,6 +435,7 @@ class ContainerRunner:
                     info, sampler, await self._image_digest(info.get("Image"))
                 ),
             )
+            return run
         except DockerError as exc:
             if await self._is_gone(container, exc):
                 raise ContainerGone() from exc
@@ -437,6 +447,10 @@ class ContainerRunner:
                 task.cancel()
             if detach.is_set():
                 await asyncio.gather(*tasks, return_exceptions=True)
+            elif run is not None and self._defer_removal:
+                run.removal = asyncio.create_task(
+                    self._cleanup(container, tasks), name=f"remove-{container.id[:12]}"
+                )
             else:
                 await finish_despite_cancel(self._cleanup(container, tasks))
 
@@ -770,7 +784,8 @@ class ContainerRunner:
         try:
             await self._call(self._docker.containers.container(container_id).delete(force=True))
         except DockerError as exc:
-            if exc.status != 404:
+            # 409 "removal already in progress": another removal (ours) is on it.
+            if exc.status != 404 and not (exc.status == 409 and "in progress" in exc.message):
                 logger.warning("could not remove container %s: %s", container_id, exc.message)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             logger.warning("could not remove container %s: %r", container_id, exc)

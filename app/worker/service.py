@@ -28,7 +28,9 @@ async def start_pool(
     stack.push_async_callback(docker.close)
     pool = WorkerPool(
         session_factory=session_factory,
-        runner=ContainerRunner(docker, settings, settings.worker_id, instance_id),
+        runner=ContainerRunner(
+            docker, settings, settings.worker_id, instance_id, defer_removal=True
+        ),
         settings=settings,
         instance_id=instance_id,
         events=events,
