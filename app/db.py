@@ -57,8 +57,16 @@ def create_engine(database_url: str) -> AsyncEngine:
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "isolation_level": "IMMEDIATE"},
         pool_size=POOL_SIZE,
         max_overflow=POOL_MAX_OVERFLOW,
+        # The reset below instead: no rollback (a round trip to aiosqlite's thread) for a
+        # connection returned with no transaction open, the usual case after a commit.
+        pool_reset_on_return=None,
     )
     _serialize_sqlite_writes(engine)
+
+    @event.listens_for(engine.sync_engine, "reset")
+    def _rollback_if_open(dbapi_connection: Any, _record: Any, _state: Any) -> None:
+        if dbapi_connection.driver_connection._conn.in_transaction:
+            dbapi_connection.rollback()
 
     @event.listens_for(engine.sync_engine, "connect")
     def _tune_sqlite(dbapi_connection: Any, _record: Any) -> None:

@@ -491,6 +491,10 @@ class JobResult(BaseModel):
     output_truncated: bool = False
     error: str | None = None
     resources: ResourceReport | None = None
+    # The attempt's container and the limits it ran under, stored with the result when
+    # they were not recorded while it ran (a job shorter than the record delay).
+    container_id: str | None = None
+    limits: AppliedLimits | None = None
 
 
 # The one row that names this database: containers carry its id, so a worker knows which

@@ -106,6 +106,25 @@ async def test_cpu_shares_and_memory_limit_are_applied(service: Service, test_im
     }
 
 
+async def test_limits_are_recorded_while_running_or_with_a_short_jobs_result(
+    service: Service, test_image: str
+) -> None:
+    # Over in less than the record delay: its container and limits come with its result.
+    short = await service.run(image=test_image, command=["true"])
+    assert short["state"] == "succeeded", short
+    assert short["limits"] is not None and short["limits"]["network_mode"] == "none", short
+    # Still running after it: recorded while it runs.
+    long = await service.submit(image=test_image, command=["sleep", "30"])
+    async with asyncio.timeout(30):
+        while (running := await service.get(long["id"]))["limits"] is None:
+            await asyncio.sleep(0.05)
+    assert running["state"] == "running"
+    assert running["limits"]["memory_bytes"] > 0
+    await service.client.post(f"/jobs/{long['id']}/cancel")
+    cancelled = await service.wait(long["id"], timeout=30)
+    assert cancelled["limits"] == running["limits"], cancelled
+
+
 async def test_job_has_no_network_but_loopback(service: Service, test_image: str) -> None:
     job = await service.run(image=test_image, command=["sh", "-c", "cat /proc/net/dev"])
     interfaces = {line.split(":")[0].strip() for line in job["stdout"].splitlines()[2:]}

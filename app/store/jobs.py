@@ -12,6 +12,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     BindParameter,
+    Boolean,
     CursorResult,
     Insert,
     Row,
@@ -752,6 +753,15 @@ def _finish_statement() -> Update:
             output_truncated=bound("output_truncated"),
             error=bound("error"),
             resources=bound("resources"),
+            # Only when the result brings them: otherwise what was recorded stays.
+            container_id=case(
+                (bindparam("finish_has_container", type_=Boolean()), bound("container_id")),
+                else_=JOBS.c.container_id,
+            ),
+            limits=case(
+                (bindparam("finish_has_container", type_=Boolean()), bound("limits")),
+                else_=JOBS.c.limits,
+            ),
         )
     )
 
@@ -787,6 +797,9 @@ async def finish_job(
             "finish_output_truncated": result.output_truncated,
             "finish_error": result.error,
             "finish_resources": None if result.resources is None else result.resources.model_dump(),
+            "finish_has_container": result.container_id is not None,
+            "finish_container_id": result.container_id,
+            "finish_limits": None if result.limits is None else result.limits.model_dump(),
         },
         chunks,
         number_chunks=number_chunks,

@@ -349,11 +349,21 @@ class WorkerPool:
         log = JobLog(job.id, job.attempt)
         flusher: asyncio.Task[None] | None = None
         run: ContainerRun | None = None
+        # The container and its limits: recorded while the job runs once it has run for a
+        # log flush interval, and with the result (the final inspect's limits), so a job
+        # shorter than that costs one write fewer.
+        container: tuple[str, AppliedLimits] | None = None
+        recording: asyncio.Task[None] | None = None
+
+        async def record_later(new_container_id: str, limits: AppliedLimits) -> None:
+            await asyncio.sleep(self._settings.log_flush_interval_seconds)
+            await finish_despite_cancel(self._record_container(job, new_container_id, limits))
 
         async def on_created(new_container_id: str, limits: AppliedLimits) -> None:
-            nonlocal created
+            nonlocal created, container, recording
             created = True
-            await self._record_container(job, new_container_id, limits)
+            container = (new_container_id, limits)
+            recording = asyncio.create_task(record_later(new_container_id, limits))
 
         try:
             if container_id is not None:
@@ -402,6 +412,13 @@ class WorkerPool:
             result = JobResult(state=JobState.failed, error=f"internal error: {exc!r}")
         finally:
             await finish_despite_cancel(self._stop_flushing(log, flusher))
+            if recording is not None:
+                recording.cancel()
+                await asyncio.gather(recording, return_exceptions=True)
+            if result is not None and container is not None:
+                container_id_, limits = container
+                result.container_id = container_id_
+                result.limits = run.limits if run is not None else limits
             if result is not None:
                 await self._record(job, result, infrastructure=infrastructure, log=log)
             elif not running.detach.is_set():
