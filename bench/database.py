@@ -60,7 +60,9 @@ SQLITE_CLAIM = (
     f"jobs.created_at ASC LIMIT ? OFFSET ?) AND jobs.state = ? RETURNING {COLUMNS}"
 )
 SQLITE_FINISH = (
-    "UPDATE jobs SET state=?, lease_expires_at=?, exit_code=?, stdout=?, stderr=?, "
+    "UPDATE jobs SET state=?, lease_expires_at=?, container_id=CASE WHEN ? THEN ? ELSE "
+    "jobs.container_id END, limits=CASE WHEN ? THEN ? ELSE jobs.limits END, exit_code=?, "
+    "stdout=?, stderr=?, "
     "output_truncated=?, error=?, resources=?, stdin=?, callback_state=CASE WHEN "
     "(jobs.callback_url IS NOT NULL) THEN ? END, callback_next_at=CASE WHEN "
     "(jobs.callback_url IS NOT NULL) THEN ? END, finished_at=? WHERE jobs.id = ? AND "
@@ -77,12 +79,14 @@ PG_CLAIM = (
 PG_NOTIFY = "SELECT pg_notify($1::VARCHAR, $2::VARCHAR) AS pg_notify_1"
 PG_FINISH = (
     "UPDATE jobs SET state=$1, lease_expires_at=$2::TIMESTAMP WITHOUT TIME ZONE, "
-    "exit_code=$3::INTEGER, stdout=$4::VARCHAR, stderr=$5::VARCHAR, "
-    "output_truncated=$6::BOOLEAN, error=$7::VARCHAR, resources=$8::JSON, stdin=$9::VARCHAR, "
-    "callback_state=CASE WHEN (jobs.callback_url IS NOT NULL) THEN $10::VARCHAR END, "
-    "callback_next_at=CASE WHEN (jobs.callback_url IS NOT NULL) THEN $11::TIMESTAMP WITHOUT "
-    "TIME ZONE END, finished_at=$11::TIMESTAMP WITHOUT TIME ZONE WHERE jobs.id = $12::UUID "
-    "AND jobs.worker_id = $13::VARCHAR AND jobs.state = $14"
+    "container_id=CASE WHEN $3::BOOLEAN THEN $4::VARCHAR ELSE jobs.container_id END, "
+    "limits=CASE WHEN $3::BOOLEAN THEN $5::JSON ELSE jobs.limits END, "
+    "exit_code=$6::INTEGER, stdout=$7::VARCHAR, stderr=$8::VARCHAR, "
+    "output_truncated=$9::BOOLEAN, error=$10::VARCHAR, resources=$11::JSON, stdin=$12::VARCHAR, "
+    "callback_state=CASE WHEN (jobs.callback_url IS NOT NULL) THEN $13::VARCHAR END, "
+    "callback_next_at=CASE WHEN (jobs.callback_url IS NOT NULL) THEN $14::TIMESTAMP WITHOUT "
+    "TIME ZONE END, finished_at=$14::TIMESTAMP WITHOUT TIME ZONE WHERE jobs.id = $15::UUID "
+    "AND jobs.worker_id = $16::VARCHAR AND jobs.state = $17"
 )
 
 
@@ -236,6 +240,10 @@ def raw_sqlite(path: str, jobs: int) -> float:
                     "succeeded",
                     None,
                     0,
+                    None,
+                    0,
+                    "null",
+                    0,
                     "hi\n",
                     "",
                     0,
@@ -290,6 +298,9 @@ async def raw_asyncpg(url: str, jobs: int) -> float:
                     PG_FINISH,
                     "succeeded",
                     None,
+                    False,
+                    None,
+                    "null",
                     0,
                     "hi\n",
                     "",
