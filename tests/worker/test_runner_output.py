@@ -11,7 +11,7 @@ from aiodocker.stream import Message
 from aiodocker.stream import Stream as AttachStream
 
 from app.settings import Settings
-from app.worker.runner import ContainerRunner, Stream
+from app.worker.runner import ContainerRun, ContainerRunner, JobSpec, OnOutput, Stream
 from tests.worker.test_runner import (
     OUTPUT_LIMIT,
     RUN_DEADLINE,
@@ -32,17 +32,23 @@ class Sink:
         return "".join(text for _, s, text in self.parts if s == stream)
 
 
-async def test_the_sink_sees_output_while_the_container_runs(harness: Harness) -> None:  # noqa: F811
-    sink = Sink()
-    spec = harness.spec("echo one; echo oops >&2; sleep 1.5; echo two")
+async def run_to_end(
+    made: Harness, spec: JobSpec, on_output: OnOutput | None = None
+) -> ContainerRun:
     async with asyncio.timeout(RUN_DEADLINE):
-        result = await harness.runner.run(
+        return await made.runner.run(
             spec,
             cancel=asyncio.Event(),
             detach=asyncio.Event(),
-            on_created=CreatedRecorder(harness.docker),
-            on_output=sink,
+            on_created=CreatedRecorder(made.docker),
+            on_output=on_output,
         )
+
+
+async def test_the_sink_sees_output_while_the_container_runs(harness: Harness) -> None:  # noqa: F811
+    sink = Sink()
+    spec = harness.spec("echo one; echo oops >&2; sleep 1.5; echo two")
+    result = await run_to_end(harness, spec, sink)
     ended = time.monotonic()
     assert result.exit_code == 0
     assert sink.text("stdout") == result.stdout == "one\ntwo\n"
@@ -55,14 +61,7 @@ async def test_the_sink_sees_output_while_the_container_runs(harness: Harness) -
 async def test_the_sink_gets_nothing_past_the_cap(harness: Harness) -> None:  # noqa: F811
     sink = Sink()
     spec = harness.spec("head -c 5000000 /dev/zero | tr '\\0' x; echo done >&2")
-    async with asyncio.timeout(RUN_DEADLINE):
-        result = await harness.runner.run(
-            spec,
-            cancel=asyncio.Event(),
-            detach=asyncio.Event(),
-            on_created=CreatedRecorder(harness.docker),
-            on_output=sink,
-        )
+    result = await run_to_end(harness, spec, sink)
     assert result.output_truncated is True
     assert sink.text("stdout") == result.stdout == "x" * OUTPUT_LIMIT
     assert sink.text("stderr") == result.stderr == "done\n"
@@ -134,12 +133,6 @@ async def test_a_failed_attach_stream_falls_back_to_the_logs(
 
     monkeypatch.setattr(ContainerRunner, "_read_attached", broken)
     spec = harness.spec("echo one; echo two >&2; printf three")
-    async with asyncio.timeout(RUN_DEADLINE):
-        result = await harness.runner.run(
-            spec,
-            cancel=asyncio.Event(),
-            detach=asyncio.Event(),
-            on_created=CreatedRecorder(harness.docker),
-        )
+    result = await run_to_end(harness, spec)
     assert result.exit_code == 0
     assert (result.stdout, result.stderr) == ("one\nthree", "two\n")
