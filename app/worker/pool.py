@@ -266,6 +266,10 @@ class WorkerPool:
         """A job was submitted: look for work now rather than at the next poll."""
         self._wakeup.set()
 
+    async def engine_answers(self) -> bool:
+        """Whether this pool's Docker engine answers (for readiness)."""
+        return await self._runner.engine_answers()
+
     def request_cancel(self, job_id: uuid.UUID) -> bool:
         """Kill a job this pool is running; False if it runs elsewhere (or not at all)."""
         running = self._running.get(job_id)
