@@ -61,6 +61,7 @@ def create_engine(database_url: str) -> AsyncEngine:
         # connection returned with no transaction open, the usual case after a commit.
         pool_reset_on_return=None,
     )
+    _use_one_hop_cursors()
     _serialize_sqlite_writes(engine)
 
     @event.listens_for(engine.sync_engine, "reset")
@@ -83,6 +84,21 @@ def create_engine(database_url: str) -> AsyncEngine:
 
 
 _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+
+
+def _use_one_hop_cursors() -> None:
+    """Make every statement on an aiosqlite connection one trip to its thread.
+
+    SQLAlchemy's aiosqlite cursor makes four (create the cursor, execute, fetch the rows,
+    close), each a hand-over between the event loop and aiosqlite's thread; on a busy
+    machine each costs more than the statement itself. This cursor does all four in one
+    function run on that thread. Installed for the aiosqlite dialect as a whole (idempotent).
+    """
+    from sqlalchemy.dialects.sqlite.aiosqlite import AsyncAdapt_aiosqlite_connection
+
+    from app.sqlite_cursor import OneHopCursor
+
+    AsyncAdapt_aiosqlite_connection._cursor_cls = OneHopCursor
 
 
 def _serialize_sqlite_writes(engine: AsyncEngine) -> None:
