@@ -64,6 +64,13 @@ def create_engine(database_url: str) -> AsyncEngine:
     _use_one_hop_cursors()
     _serialize_sqlite_writes(engine)
 
+    @event.listens_for(engine.sync_engine, "before_cursor_execute")
+    def _commit_with_statement(
+        _conn: Connection, cursor: Any, _statement: str, _params: Any, context: Any, _many: bool
+    ) -> None:
+        if context is not None and context.execution_options.get(_COMMIT_OPTION):
+            cursor.commit_with()
+
     @event.listens_for(engine.sync_engine, "reset")
     def _rollback_if_open(dbapi_connection: Any, _record: Any, _state: Any) -> None:
         if dbapi_connection.driver_connection._conn.in_transaction:
@@ -85,6 +92,12 @@ def create_engine(database_url: str) -> AsyncEngine:
 
 _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 
+_COMMIT_OPTION = "jobdock_commit_with_statement"
+# Execution options for the last statement of a transaction: on SQLite, it commits in the
+# same trip to aiosqlite's thread as the statement (the session's commit() that must still
+# follow then costs nothing); elsewhere, nothing changes.
+COMMITS_WITH_STATEMENT: Mapping[str, Any] = {_COMMIT_OPTION: True}
+
 
 def _use_one_hop_cursors() -> None:
     """Make every statement on an aiosqlite connection one trip to its thread.
@@ -96,9 +109,10 @@ def _use_one_hop_cursors() -> None:
     """
     from sqlalchemy.dialects.sqlite.aiosqlite import AsyncAdapt_aiosqlite_connection
 
-    from app.sqlite_cursor import OneHopCursor
+    from app.sqlite_cursor import OneHopCursor, commit_unless_idle
 
     AsyncAdapt_aiosqlite_connection._cursor_cls = OneHopCursor
+    AsyncAdapt_aiosqlite_connection.commit = commit_unless_idle  # type: ignore[method-assign,assignment]
 
 
 def _serialize_sqlite_writes(engine: AsyncEngine) -> None:

@@ -5,15 +5,21 @@ import collections
 import sqlite3
 from typing import Any
 
-from sqlalchemy.dialects.sqlite.aiosqlite import AsyncAdapt_aiosqlite_cursor
+from sqlalchemy.dialects.sqlite.aiosqlite import (
+    AsyncAdapt_aiosqlite_connection,
+    AsyncAdapt_aiosqlite_cursor,
+)
 from sqlalchemy.util import EMPTY_DICT
 
 # What one trip brings back: description, rows, rowcount, lastrowid.
 _Outcome = tuple[Any, list[Any], int, int | None]
 
 
-def _run(connection: sqlite3.Connection, operation: str, parameters: Any, many: bool) -> _Outcome:
-    """On aiosqlite's thread: the whole life of a sqlite3 cursor."""
+def _run(
+    connection: sqlite3.Connection, operation: str, parameters: Any, many: bool, commit: bool
+) -> _Outcome:
+    """On aiosqlite's thread: the whole life of a sqlite3 cursor; with `commit`, the
+    transaction's commit right after the statement."""
     cursor = connection.cursor()
     try:
         if many:
@@ -24,7 +30,10 @@ def _run(connection: sqlite3.Connection, operation: str, parameters: Any, many: 
             cursor.execute(operation, parameters)
         description = cursor.description
         rows = cursor.fetchall() if description else []
-        return description, rows, cursor.rowcount, cursor.lastrowid
+        outcome = description, rows, cursor.rowcount, cursor.lastrowid
+        if commit and connection.in_transaction:
+            connection.commit()
+        return outcome
     finally:
         cursor.close()
 
@@ -33,7 +42,7 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
     """Like SQLAlchemy's, but the sqlite3 cursor lives and dies within one function run on
     aiosqlite's thread: its description, rows, rowcount and lastrowid come back together."""
 
-    __slots__ = ("_arraysize", "_description", "_lastrowid", "_rowcount")
+    __slots__ = ("_arraysize", "_commit_after", "_description", "_lastrowid", "_rowcount")
 
     def __init__(self, adapt_connection: Any) -> None:
         self._adapt_connection = adapt_connection
@@ -45,6 +54,8 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
         self._rowcount = -1
         self._lastrowid: int | None = None
         self._arraysize = 1
+        # Set (by app.db) for a statement that ends its transaction: see commit_with().
+        self._commit_after = False
 
     @property
     def description(self) -> Any:
@@ -72,10 +83,16 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
     def close(self) -> None:
         self._rows.clear()
 
+    def commit_with(self) -> None:
+        """Commit the transaction in the same trip as the next statement. The connection's
+        own commit() that follows then finds no transaction open and makes no trip."""
+        self._commit_after = True
+
     async def _trip(self, operation: Any, parameters: Any, many: bool) -> None:
+        commit, self._commit_after = self._commit_after, False
         async with self._adapt_connection._execute_mutex:
             outcome: _Outcome = await self._connection._execute(
-                _run, self._connection._conn, operation, parameters, many
+                _run, self._connection._conn, operation, parameters, many, commit
             )
         self._description, rows, self._rowcount, self._lastrowid = outcome
         self._rows = collections.deque(rows)
@@ -87,3 +104,16 @@ class OneHopCursor(AsyncAdapt_aiosqlite_cursor):
     async def _executemany_async(self, operation: Any, seq_of_parameters: Any) -> Any:
         await self._trip(operation, seq_of_parameters, many=True)
         return None
+
+
+def commit_unless_idle(connection: AsyncAdapt_aiosqlite_connection) -> None:
+    """AsyncAdapt_aiosqlite_connection.commit without the trip to aiosqlite's thread when
+    no transaction is open (nothing written since the last commit, or a statement committed
+    with its transaction: OneHopCursor.commit_with)."""
+    sqlite_connection = connection._connection._connection
+    if sqlite_connection is not None and not sqlite_connection.in_transaction:
+        return
+    _commit(connection)
+
+
+_commit = AsyncAdapt_aiosqlite_connection.commit

@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import defer, make_transient_to_detached
 from sqlmodel import col
 
-from app.db import JOB_EVENTS_CHANNEL, SUBMISSIONS_CHANNEL, Reader
+from app.db import COMMITS_WITH_STATEMENT, JOB_EVENTS_CHANNEL, SUBMISSIONS_CHANNEL, Reader
 from app.errors import (
     IdempotencyKeyReused,
     InvalidCursor,
@@ -64,6 +64,8 @@ from app.settings import Settings
 
 # Jobs purged per statement by the retention, so one purge never holds a long lock.
 PURGE_BATCH_SIZE = 500
+# No execution options.
+EMPTY: dict[str, Any] = {}
 LOST_WITH_WORKER = "lost with its worker: its lease expired while it was running"
 
 
@@ -186,8 +188,13 @@ async def _add_jobs(
     session: AsyncSession | AsyncConnection, jobs: Sequence[dict[str, Any]]
 ) -> None:
     """Insert the rows (one Core INSERT, no unit of work) and commit."""
-    await session.execute(_INSERT_JOB, list(jobs) if len(jobs) > 1 else jobs[0])
-    if _executes_on_postgresql(session):
+    postgresql = _executes_on_postgresql(session)
+    await session.execute(
+        _INSERT_JOB,
+        list(jobs) if len(jobs) > 1 else jobs[0],
+        execution_options=EMPTY if postgresql else COMMITS_WITH_STATEMENT,
+    )
+    if postgresql:
         # Delivered on commit: idle workers in other processes look for work at once.
         await session.execute(
             _notify_statement(), {"notify_channel": SUBMISSIONS_CHANNEL, "notify_payload": ""}
@@ -485,6 +492,7 @@ async def claim_next_job(
             "claim_worker_id": worker_id,
             "claim_lease_expires_at": now + timedelta(seconds=lease_seconds),
         },
+        execution_options=COMMITS_WITH_STATEMENT,
     )
     row = claimed.one_or_none()
     await session.commit()
@@ -576,7 +584,9 @@ async def _write_while_held(
     With `number_chunks`, the chunks' seqs count on from the job's last stored chunk (0
     for none): the first chunk's INSERT reads it (see `_numbered_chunk_insert`), the
     others follow in one executemany. Otherwise they go as numbered, in one executemany."""
-    written = await session.execute(statement, params)
+    written = await session.execute(
+        statement, params, execution_options=EMPTY if chunks else COMMITS_WITH_STATEMENT
+    )
     held = cast("CursorResult[Any]", written).rowcount == 1
     if held and chunks:
         offset = 0
@@ -732,6 +742,7 @@ async def renew_leases(
             "renew_worker_id": worker_id,
             "renew_lease_expires_at": utc_now() + timedelta(seconds=lease_seconds),
         },
+        execution_options=COMMITS_WITH_STATEMENT,
     )
     held = {job_id: cancel for job_id, cancel in result}
     await session.commit()
