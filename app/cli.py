@@ -14,7 +14,6 @@ Exit codes of the client commands:
 
 import asyncio
 import json
-import logging
 import os
 import sys
 import time
@@ -53,15 +52,18 @@ WAIT_SPINNER_SECONDS = 2.0
 WAIT_QUIET_SECONDS = 30.0
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def _settings(workers: int | None, **overrides: object) -> Settings:
+    """The settings from the environment, with what the command line gave on top."""
+    if workers is not None:
+        overrides["workers"] = workers
+    given = {name: value for name, value in overrides.items() if value is not None}
+    return Settings(**given)  # type: ignore[arg-type]
 
 
-def _settings(workers: int | None) -> Settings:
-    overrides = {} if workers is None else {"workers": workers}
-    return Settings(**overrides)  # type: ignore[arg-type]
+LogLevelOption = Annotated[
+    str | None,
+    typer.Option(help="debug, info, warning or error (default: JOBDOCK_LOG_LEVEL, or info)."),
+]
 
 
 @cli.command()
@@ -74,22 +76,26 @@ def serve(
     no_workers: Annotated[
         bool, typer.Option("--no-workers", help="Serve the API only; `jobdock worker` runs jobs.")
     ] = False,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_level: LogLevelOption = None,
 ) -> None:
     """Serve the HTTP API with the embedded worker pool."""
     import uvicorn
 
+    from app.logs import configure_logging
     from app.main import create_app
 
-    _configure_logging(log_level)
-    settings = _settings(workers)
+    settings = _settings(workers, log_level=log_level)
+    configure_logging(settings)
     # The address actually listened on: the app warns at start if it is exposed keyless.
     settings = settings.model_copy(update={"host": host or settings.host})
     uvicorn.run(
         create_app(settings, run_workers=not no_workers),
         host=settings.host,
         port=port or settings.port,
-        log_level=log_level,
+        log_level=settings.log_level,
+        # uvicorn's loggers go through configure_logging's handler (JSON or text) rather
+        # than handlers of its own.
+        log_config=None,
         # Requests in flight get a few seconds; the worker pool has its own grace period.
         timeout_graceful_shutdown=5,
     )
@@ -98,22 +104,34 @@ def serve(
 @cli.command()
 def worker(
     workers: Annotated[int | None, typer.Option(help="Jobs run at once (JOBDOCK_WORKERS).")] = None,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Serve Prometheus metrics at http://HOST:PORT/metrics (JOBDOCK_METRICS_PORT; "
+            "HOST is JOBDOCK_HOST, 127.0.0.1 by default).",
+        ),
+    ] = None,
+    log_level: LogLevelOption = None,
 ) -> None:
     """Run jobs from the shared database on this host's Docker engine, without HTTP."""
+    from app.logs import configure_logging
     from app.worker.service import run_worker
 
-    _configure_logging(log_level)
-    asyncio.run(run_worker(_settings(workers)))
+    settings = _settings(workers, metrics_port=metrics_port, log_level=log_level)
+    configure_logging(settings)
+    asyncio.run(run_worker(settings))
 
 
 @cli.command()
 def migrate() -> None:
     """Upgrade the database schema to the newest migration."""
     from app.db import create_engine, upgrade_to_head
+    from app.logs import configure_logging
 
-    _configure_logging("info")
     settings = Settings()
+    configure_logging(settings)
 
     async def run() -> None:
         engine = create_engine(settings.database_url)

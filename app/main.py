@@ -9,7 +9,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import health, jobs, logs
+from app.api import health, jobs, logs, stats
+from app.api import ui as dashboard
 from app.api.errors import install_error_handlers
 from app.api.limits import install_request_limits
 from app.auth import warn_if_exposed
@@ -23,6 +24,7 @@ from app.db import (
     upgrade_to_head,
 )
 from app.events import JobEvents
+from app.metrics import HttpMetricsMiddleware, Metrics
 from app.settings import Settings, get_settings
 from app.worker.service import start_pool
 
@@ -58,6 +60,7 @@ async def _relay_job_events(settings: Settings, events: JobEvents) -> AsyncItera
 
 def create_app(settings: Settings | None = None, *, run_workers: bool = True) -> FastAPI:
     settings = settings or get_settings()
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -81,7 +84,9 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True) ->
             if is_postgresql(settings.database_url):
                 await stack.enter_async_context(_relay_job_events(settings, events))
             if run_workers and settings.workers > 0:
-                app.state.pool = await start_pool(stack, settings, session_factory, events)
+                app.state.pool = await start_pool(
+                    stack, settings, session_factory, events, metrics=metrics
+                )
             logger.info("jobdock %s ready (database %s)", __version__, engine.url)
             # What startup built (modules, the app, its schemas and compiled statements)
             # lives as long as the process: out of the collector's way, a full collection
@@ -99,7 +104,12 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True) ->
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(logs.router)
+    app.include_router(stats.router)
+    app.include_router(dashboard.router)
 
     install_error_handlers(app)
     install_request_limits(app, max_body_bytes=settings.max_request_bytes)
+    # Outermost of the app's own middleware: it also times what the limits refuse.
+    app.state.metrics = metrics
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
     return app

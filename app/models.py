@@ -523,3 +523,26 @@ class ApiKey(SQLModel, table=True):
     max_running: int | None = Field(default=None)
     created_at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime)
     revoked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+# Jobs in each state, of those the caller may see: every state, 0 when none.
+class JobStateCounts(BaseModel):
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    timed_out: int
+    cancelled: int
+
+
+# Workers holding a running job on any node; this process's pool slots (null: no pool).
+class WorkerStats(BaseModel):
+    active: int
+    slots: int | None
+    busy: int | None
+
+
+# The answer to GET /stats.
+class Stats(BaseModel):
+    jobs: JobStateCounts
+    workers: WorkerStats

@@ -6,7 +6,7 @@ import re
 import socket
 from datetime import timedelta
 from functools import lru_cache
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -32,6 +32,12 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    # `jobdock worker` serves its Prometheus metrics on this port of `host` (None: not at
+    # all); `serve` has them at /metrics on its own port.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Logs on stderr: one JSON object per line ("json"), or plain lines for humans ("text").
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 
     workers: int = Field(default=4, ge=0, le=256)
     worker_id: str = Field(default_factory=_default_worker_id, min_length=1, max_length=255)
@@ -119,6 +125,11 @@ class Settings(BaseSettings):
                 number, unit = float(match.group(1)), match.group(2) or "s"
                 return timedelta(seconds=number * DURATION_UNITS[unit])
         return value
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lower_case(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("allowed_images", "allowed_networks", mode="before")
     @classmethod

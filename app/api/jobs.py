@@ -25,6 +25,7 @@ from app.api.deps import (
 )
 from app.auth import owner_filter, owner_of_new_jobs
 from app.events import JobEvents, wait_for_change
+from app.metrics import Metrics
 from app.models import (
     LABEL_KEY,
     ErrorBody,
@@ -258,6 +259,8 @@ async def submit_job(
     )
     headers = {"Location": _location(request, job.id)}
     if created:
+        metrics: Metrics = request.app.state.metrics
+        metrics.job_submitted()
         if pool is not None:
             pool.wake()
         return _job_response(job, status.HTTP_202_ACCEPTED, headers)
@@ -278,6 +281,7 @@ async def submit_job(
 )
 async def submit_jobs(
     batch: JobBatchCreate,
+    request: Request,
     principal: PrincipalDep,
     session: SessionDep,
     settings: SettingsDep,
@@ -297,6 +301,8 @@ async def submit_jobs(
         owner=owner_of_new_jobs(principal),
         owner_max_queued=None if principal is None else principal.max_queued,
     )
+    metrics: Metrics = request.app.state.metrics
+    metrics.job_submitted(len(jobs))
     if pool is not None:
         pool.wake()
     return JobBatch(items=[JobPublic.model_validate(job) for job in jobs])
@@ -396,6 +402,7 @@ async def get_job(
 )
 async def cancel_job(
     job_id: str,
+    request: Request,
     response: Response,
     principal: PrincipalDep,
     session: SessionDep,
@@ -410,6 +417,9 @@ async def cancel_job(
         if pool is not None:
             pool.request_cancel(job.id)
     else:
+        # It was queued and ends here: no worker will count it.
+        metrics: Metrics = request.app.state.metrics
+        metrics.job_finished(JobState.cancelled)
         events.notify(job.id)
         if pool is not None and job.callback_url is not None:
             pool.webhooks.wake()

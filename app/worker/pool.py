@@ -20,6 +20,7 @@ from app.aio import finish_despite_cancel
 from app.db import SessionFactory, is_postgresql, listen_for_submissions
 from app.errors import EngineError, EngineUnreachable, ImageNotFound
 from app.events import JobEvents
+from app.metrics import Metrics
 from app.models import AppliedLimits, Job, JobResult, JobState, LogChunk, utc_now
 from app.settings import MIB, Settings
 from app.store import logs as log_store
@@ -84,6 +85,12 @@ class RunningJob:
     detach: asyncio.Event = field(default_factory=asyncio.Event)
     # Re-attached jobs run even when every slot is taken: their containers already run.
     holds_slot: bool = True
+
+
+def job_fields(job_id: uuid.UUID, worker_id: str | None, attempt: int | None) -> dict[str, object]:
+    """A job event's fields for a structured log record (`extra=`): the JSON log carries
+    them beside the message, so one job's lines are found by its id."""
+    return {"job_id": str(job_id), "worker_id": worker_id, "attempt": attempt}
 
 
 def spec_of(job: Job) -> JobSpec:
@@ -171,11 +178,14 @@ class WorkerPool:
         concurrency: int | None = None,
         instance_id: str = "",
         events: JobEvents | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._sessions = session_factory
         self._runner = runner
         # Wakes callers in this process that wait on a job's end or follow its output.
         self.events = events or JobEvents()
+        # Where the pool counts what it sees (the app's, or the worker process's, registry).
+        self.metrics = metrics or Metrics(job_gauges=False)
         self._settings = settings
         self.worker_id = worker_id or settings.worker_id
         # This database's id, as labelled on the containers its workers create.
@@ -282,6 +292,11 @@ class WorkerPool:
     def running_job_ids(self) -> list[uuid.UUID]:
         return list(self._running)
 
+    @property
+    def busy_slots(self) -> int:
+        """How many of the pool's slots hold a job (a re-attached job may hold none)."""
+        return sum(1 for running in self._running.values() if running.holds_slot)
+
     # -- claiming and running --------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
@@ -369,13 +384,22 @@ class WorkerPool:
             container = (new_container_id, limits)
             recording = asyncio.create_task(record_later(new_container_id, limits))
 
+        fields = job_fields(job.id, self.worker_id, job.attempt)
+        # The engine call under way, for jobdock_engine_errors_total{operation}.
+        operation = "run" if container_id is None else "attach"
         try:
             if container_id is not None:
                 # The container's output is read from its start again: skip what is stored.
                 log = JobLog(job.id, job.attempt, stored=await self._stored_output(job))
             flusher = asyncio.create_task(self._flush_log(log), name=f"jobdock-log-{job.id}")
             if container_id is None:
-                logger.info("job %s attempt %d: starting %s", job.id, job.attempt, job.image)
+                logger.info(
+                    "job %s attempt %d: starting %s", job.id, job.attempt, job.image, extra=fields
+                )
+                if job.started_at is not None:
+                    # A first attempt waited from its submission, a retry from its backoff's end.
+                    waited_since = job.created_at if job.attempt <= 1 else job.run_after
+                    self.metrics.job_started(waited_since, job.started_at)
                 run = await self._runner.run(
                     spec_of(job),
                     cancel=running.cancel,
@@ -384,7 +408,12 @@ class WorkerPool:
                     on_output=log.feed,
                 )
             else:
-                logger.info("job %s attempt %d: re-attached to its container", job.id, job.attempt)
+                logger.info(
+                    "job %s attempt %d: re-attached to its container",
+                    job.id,
+                    job.attempt,
+                    extra=fields,
+                )
                 started = job.started_at or utc_now()
                 run = await self._runner.attach(
                     container_id,
@@ -396,23 +425,27 @@ class WorkerPool:
                 )
             result = result_of(job, run)
         except EngineUnreachable as exc:
+            self.metrics.engine_error(operation)
             self._engine_down = True
             # Before its container existed the job did not start: it waits in the queue
             # for the engine rather than failing.
             result = None if not created else JobResult(state=JobState.failed, error=exc.message)
             infrastructure = True
         except ImageNotFound as exc:
+            # The engine had no such image and could not pull it.
+            self.metrics.engine_error("pull")
             result = JobResult(state=JobState.failed, error=exc.message)
         except EngineError as exc:
+            self.metrics.engine_error(operation)
             result = JobResult(state=JobState.failed, error=exc.message)
             infrastructure = True
         except asyncio.CancelledError:
             if running.detach.is_set():
                 result = None
-                logger.info("job %s: left running for re-attach", job.id)
+                logger.info("job %s: left running for re-attach", job.id, extra=fields)
             raise
         except Exception as exc:
-            logger.exception("job %s: unexpected failure", job.id)
+            logger.exception("job %s: unexpected failure", job.id, extra=fields)
             result = JobResult(state=JobState.failed, error=f"internal error: {exc!r}")
         finally:
             await finish_despite_cancel(self._stop_flushing(log, flusher))
@@ -459,7 +492,11 @@ class WorkerPool:
         async def write() -> None:
             async with self._sessions() as session:
                 await store.release_job(session=session, job_id=job.id, worker_id=self.worker_id)
-            logger.warning("job %s: back in the queue, the engine cannot be reached", job.id)
+            logger.warning(
+                "job %s: back in the queue, the engine cannot be reached",
+                job.id,
+                extra=job_fields(job.id, self.worker_id, job.attempt),
+            )
 
         await finish_despite_cancel(write())
 
@@ -496,8 +533,13 @@ class WorkerPool:
             self.events.notify(job.id)
             if written and not retry and job.callback_url is not None:
                 self.webhooks.wake()
+            if written and not retry:
+                self.metrics.job_finished(result.state, job.started_at, utc_now())
+            fields = job_fields(job.id, self.worker_id, job.attempt)
             if not written:
-                logger.warning("job %s: result dropped, this worker no longer holds it", job.id)
+                logger.warning(
+                    "job %s: result dropped, this worker no longer holds it", job.id, extra=fields
+                )
             elif retry:
                 logger.info(
                     "job %s: attempt %d of %d %s (exit %s); retrying",
@@ -506,9 +548,12 @@ class WorkerPool:
                     job.max_attempts,
                     result.state,
                     result.exit_code,
+                    extra=fields,
                 )
             else:
-                logger.info("job %s: %s (exit %s)", job.id, result.state, result.exit_code)
+                logger.info(
+                    "job %s: %s (exit %s)", job.id, result.state, result.exit_code, extra=fields
+                )
 
         await finish_despite_cancel(write())
 
@@ -541,11 +586,18 @@ class WorkerPool:
             except Exception as exc:
                 # Kept for the next round, or for the result's transaction.
                 log.restore(taken)
-                logger.warning("job %s: could not store its output yet: %r", log.job_id, exc)
+                logger.warning(
+                    "job %s: could not store its output yet: %r",
+                    log.job_id,
+                    exc,
+                    extra=job_fields(log.job_id, self.worker_id, log.attempt),
+                )
                 continue
             if not held:
                 logger.warning(
-                    "job %s: output not stored, this worker no longer holds it", log.job_id
+                    "job %s: output not stored, this worker no longer holds it",
+                    log.job_id,
+                    extra=job_fields(log.job_id, self.worker_id, log.attempt),
                 )
                 return
             log.advance(len(chunks))
@@ -602,7 +654,11 @@ class WorkerPool:
                 if running is None:
                     continue
                 if job_id not in held:
-                    logger.warning("job %s: lease lost; stopping its container", job_id)
+                    logger.warning(
+                        "job %s: lease lost; stopping its container",
+                        job_id,
+                        extra=job_fields(job_id, self.worker_id, running.job.attempt),
+                    )
                     running.cancel.set()
                 elif held[job_id]:
                     running.cancel.set()
@@ -627,6 +683,7 @@ class WorkerPool:
         try:
             return await self._runner.list_job_containers()
         except EngineError as exc:
+            self.metrics.engine_error("list_containers")
             logger.warning("cannot list job containers: %s", exc.message)
             return None
 
@@ -667,7 +724,16 @@ class WorkerPool:
             )
         for job_id, state in rescued:
             self.events.notify(job_id)
-            logger.warning("job %s: %s; now %s", job_id, store.LOST_WITH_WORKER, state)
+            if state.is_terminal:
+                self.metrics.job_finished(state)
+            # The lost worker and attempt are the store's to know; the id finds the job.
+            logger.warning(
+                "job %s: %s; now %s",
+                job_id,
+                store.LOST_WITH_WORKER,
+                state,
+                extra=job_fields(job_id, None, None),
+            )
         if rescued:
             self.webhooks.wake()
 
@@ -721,5 +787,9 @@ class WorkerPool:
                 and now - container.created > self._settings.leftover_grace_seconds
             ):
                 continue
-            logger.info("removing leftover container of job %s", container.job_id)
+            logger.info(
+                "removing leftover container of job %s",
+                container.job_id,
+                extra=job_fields(container.job_id, container.worker_id, container.attempt),
+            )
             await self._runner.remove_container(container.container_id)

@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack
 from app import store
 from app.db import SessionFactory, create_engine, create_session_factory, upgrade_to_head
 from app.events import JobEvents
+from app.metrics import Metrics
 from app.settings import Settings
 from app.worker.pool import WorkerPool
 from app.worker.runner import ContainerRunner, create_docker_client
@@ -20,8 +21,11 @@ async def start_pool(
     settings: Settings,
     session_factory: SessionFactory,
     events: JobEvents | None = None,
+    *,
+    metrics: Metrics | None = None,
 ) -> WorkerPool:
-    """Start a pool on the configured engine; the stack stops it, then closes the client."""
+    """Start a pool on the configured engine; the stack stops it, then closes the client.
+    The pool records its jobs, and exposes its slots, in `metrics`."""
     async with session_factory() as session:
         instance_id = str(await store.get_instance_id(session=session))
     docker = create_docker_client(settings)
@@ -34,7 +38,9 @@ async def start_pool(
         settings=settings,
         instance_id=instance_id,
         events=events,
+        metrics=metrics,
     )
+    pool.metrics.watch_pool(pool.concurrency, lambda: pool.busy_slots)
     await pool.start()
     stack.push_async_callback(pool.stop)
     return pool
@@ -47,10 +53,16 @@ async def run_worker(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with AsyncExitStack() as stack:
+        # No job gauges here: they are read from the database by the API's /metrics.
+        metrics = Metrics(job_gauges=False)
+        if settings.metrics_port is not None:
+            server = metrics.serve(settings.host, settings.metrics_port)
+            stack.callback(server.server_close)
+            stack.callback(server.shutdown)
         engine = create_engine(settings.database_url)
         stack.push_async_callback(engine.dispose)
         await upgrade_to_head(engine)
-        pool = await start_pool(stack, settings, create_session_factory(engine))
+        pool = await start_pool(stack, settings, create_session_factory(engine), metrics=metrics)
         logger.info("worker %s ready (database %s)", pool.worker_id, engine.url)
         await stop.wait()
         logger.info("worker %s stopping", pool.worker_id)
