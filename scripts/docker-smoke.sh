@@ -159,6 +159,18 @@ state="$(in_service jobdock get "$id" | job_field state)"
 echo "docker-smoke:   job $id: $state, output '$out'" >&2
 done_step
 
+step "the image serves the dashboard (/ui/, its files ship in the package) and /metrics"
+fetch() {  # fetch PATH: the body of http://127.0.0.1:8000/PATH, from inside the container
+    in_service python3 -c 'import sys, urllib.request
+print(urllib.request.urlopen("http://127.0.0.1:8000" + sys.argv[1], timeout=10).read().decode())' "$1"
+}
+fetch /ui/ | grep -q '<title>Jobdock' || fail "/ui/ does not serve the dashboard"
+fetch /ui/static/app.js | grep -q 'sessionStorage' || fail "/ui/static/app.js is not the dashboard's script"
+fetch /metrics | grep -q '^jobdock_jobs_finished_total{state="succeeded"} 1.0$' \
+    || fail "/metrics does not count the job that succeeded"
+echo "docker-smoke:   /ui/, /ui/static/app.js and /metrics answer" >&2
+done_step
+
 step "the job containers it starts on the host's engine get NetworkMode none"
 id="$(in_service jobdock submit --timeout 120 "$job_image" -- sleep 60)"
 job_ids+=("$id")
