@@ -13,14 +13,13 @@ import logging
 import secrets
 import sys
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import Reader
-from app.models import ApiKey
 from app.store import keys as key_store
 
 logger = logging.getLogger(__name__)
@@ -40,13 +39,14 @@ class Principal:
     max_running: int | None = None
 
     @classmethod
-    def of(cls, key: ApiKey | Row[Any]) -> "Principal":
+    def of(cls, key: Mapping[str, Any]) -> "Principal":
+        """From a key's columns by name (app.store.keys.find_active_key)."""
         return cls(
-            key_id=key.id,
-            name=key.name,
-            admin=key.admin,
-            max_queued=key.max_queued,
-            max_running=key.max_running,
+            key_id=key["id"],
+            name=key["name"],
+            admin=key["admin"],
+            max_queued=key["max_queued"],
+            max_running=key["max_running"],
         )
 
 
@@ -81,7 +81,7 @@ async def authenticate(session: Reader, presented: str | None) -> Principal | No
         digest = hash_key(presented)
         key = await key_store.find_active_key(session=session, key_hash=digest)
         # The lookup is by hash; the comparison of what was found is constant-time.
-        if key is not None and hmac.compare_digest(key.key_hash, digest):
+        if key is not None and hmac.compare_digest(key["key_hash"], digest):
             return Principal.of(key)
     if not await key_store.any_active_key(session=session):
         return None

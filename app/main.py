@@ -8,7 +8,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
 
-from app import __version__
+from app import __version__, store
 from app.api import health, jobs, logs, stats
 from app.api import ui as dashboard
 from app.api.errors import install_error_handlers
@@ -75,10 +75,20 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True) ->
             app.state.settings = settings
             app.state.engine = engine
             read_engine = create_read_engine(settings.database_url)
+            app.state.read_connection = None
             if read_engine is not None:
                 stack.callback(read_engine.dispose)
+                # Kept open for the prepared hot reads (see SyncReader).
+                read_connection = read_engine.raw_connection()
+                stack.callback(read_connection.close)
+                app.state.read_connection = read_connection.driver_connection
             app.state.read_engine = read_engine
             app.state.session_factory = session_factory
+            # POST /jobs: new jobs written in groups, and the queue cap counted down.
+            submissions = store.SubmissionWriter(engine)
+            stack.push_async_callback(submissions.close)
+            app.state.submissions = submissions
+            app.state.queue_room = store.QueueRoom(pending=lambda: submissions.in_flight)
             app.state.events = events
             app.state.pool = None
             if is_postgresql(settings.database_url):
@@ -101,9 +111,10 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True) ->
         summary="Run jobs in Docker containers over HTTP.",
         lifespan=lifespan,
     )
-    app.include_router(health.router)
+    # The busiest routes first: the router tries them in this order.
     app.include_router(jobs.router)
     app.include_router(logs.router)
+    app.include_router(health.router)
     app.include_router(stats.router)
     app.include_router(dashboard.router)
 

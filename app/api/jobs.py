@@ -2,6 +2,7 @@
 
 import asyncio
 import re
+import uuid
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from typing import Annotated, Any
@@ -9,21 +10,21 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BeforeValidator
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import store
 from app.api.deps import (
-    ConnectionDep,
+    BEARER_SECURITY,
     EventsDep,
     PoolDep,
     PrincipalDep,
-    ReaderDep,
-    ReaderPrincipalDep,
     SessionDep,
     SettingsDep,
-    WriteReaderDep,
-    WriterPrincipalDep,
+    read_principal,
+    reading,
 )
 from app.auth import owner_filter, owner_of_new_jobs
+from app.db import Reader
 from app.events import JobEvents, wait_for_change
 from app.metrics import Metrics
 from app.models import (
@@ -228,13 +229,11 @@ def _job_response(
         **QUEUE_FULL,
         **QUOTA_EXCEEDED,
     },
+    openapi_extra=BEARER_SECURITY,
 )
 async def submit_job(
     job_in: JobCreate,
     request: Request,
-    principal: WriterPrincipalDep,
-    reader: WriteReaderDep,
-    connection: ConnectionDep,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -244,19 +243,38 @@ async def submit_job(
         ),
     ] = None,
 ) -> Response:
-    # The app's state directly, not through dependencies: each costs on every request.
+    # The app's state directly, and the reader and the key check without dependencies
+    # (see read_principal): each dependency costs on every request.
     settings: Settings = request.app.state.settings
     pool: WorkerPool | None = request.app.state.pool
     check_caps(job_in, settings)
-    job, created = await store.create_job(
-        session=connection,
-        reader=reader,
-        job_in=job_in,
-        settings=settings,
-        idempotency_key=idempotency_key,
-        owner=owner_of_new_jobs(principal),
-        owner_max_queued=None if principal is None else principal.max_queued,
-    )
+    async with reading(request) as reader:
+        principal = await read_principal(request, reader)
+        owner = owner_of_new_jobs(principal)
+        owner_max_queued = None if principal is None else principal.max_queued
+        if idempotency_key is None:
+            job = await store.submit_job(
+                writer=request.app.state.submissions,
+                reader=reader,
+                room=request.app.state.queue_room,
+                job_in=job_in,
+                settings=settings,
+                owner=owner,
+                owner_max_queued=owner_max_queued,
+            )
+            created = True
+        else:
+            engine: AsyncEngine = request.app.state.engine
+            async with engine.connect() as connection:
+                job, created = await store.create_job(
+                    session=connection,
+                    reader=reader,
+                    job_in=job_in,
+                    settings=settings,
+                    idempotency_key=idempotency_key,
+                    owner=owner,
+                    owner_max_queued=owner_max_queued,
+                )
     headers = {"Location": _location(request, job.id)}
     if created:
         metrics: Metrics = request.app.state.metrics
@@ -301,6 +319,9 @@ async def submit_jobs(
         owner=owner_of_new_jobs(principal),
         owner_max_queued=None if principal is None else principal.max_queued,
     )
+    # Queued outside the room's count: the next submission probes again.
+    queue_room: store.QueueRoom = request.app.state.queue_room
+    queue_room.forget()
     metrics: Metrics = request.app.state.metrics
     metrics.job_submitted(len(jobs))
     if pool is not None:
@@ -356,18 +377,25 @@ async def list_jobs(
         "service's maximum)."
     ),
     responses=NOT_FOUND,
+    openapi_extra=BEARER_SECURITY,
 )
 async def get_job(
     job_id: str,
     request: Request,
-    principal: ReaderPrincipalDep,
-    connection: ReaderDep,
     wait: Annotated[
         float | None, Query(ge=0, le=86400, description="Seconds to wait for a terminal state")
     ] = None,
 ) -> Response:
+    # The reader and the key check without dependencies (see read_principal).
+    async with reading(request) as connection:
+        principal = await read_principal(request, connection)
+        return await _read_or_wait(request, connection, job_id, owner_filter(principal), wait)
+
+
+async def _read_or_wait(
+    request: Request, connection: Reader, job_id: str, owner: uuid.UUID | None, wait: float | None
+) -> Response:
     uuid_ = store.parse_job_id(job_id)
-    owner = owner_filter(principal)
     if not wait:
         return _job_response(await store.read_job(session=connection, job_id=uuid_, owner=owner))
     settings: Settings = request.app.state.settings

@@ -35,7 +35,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import defer, make_transient_to_detached
 from sqlmodel import col
 
-from app.db import COMMITS_WITH_STATEMENT, JOB_EVENTS_CHANNEL, SUBMISSIONS_CHANNEL, Reader
+from app.db import (
+    COMMITS_WITH_STATEMENT,
+    JOB_EVENTS_CHANNEL,
+    SUBMISSIONS_CHANNEL,
+    PreparedRead,
+    Reader,
+    SyncReader,
+)
 from app.errors import (
     IdempotencyKeyReused,
     InvalidCursor,
@@ -1002,6 +1009,8 @@ _READ_JOB = select(*(JOBS.c[name] for name in JobPublic.model_fields)).where(
     JOBS.c.id == bindparam("read_id")
 )
 _READ_OWN_JOB = _READ_JOB.where(JOBS.c.owner == bindparam("read_owner"))
+# The same reads for a SyncReader, on its raw sqlite3 connection.
+_PREPARED_READS = {statement: PreparedRead(statement) for statement in (_READ_JOB, _READ_OWN_JOB)}
 
 
 _INSERT_JOB = insert(JOBS)
@@ -1059,13 +1068,16 @@ async def read_job(
 ) -> dict[str, Any]:
     """get_job as a row of JobPublic's columns: one Core SELECT, no ORM identity map (on a
     session, a bare connection or a SyncReader). With `owner`, only that key's job."""
-    if owner is None:
-        row = (await session.execute(_READ_JOB, {"read_id": job_id})).one_or_none()
+    statement, parameters = (
+        (_READ_JOB, {"read_id": job_id})
+        if owner is None
+        else (_READ_OWN_JOB, {"read_id": job_id, "read_owner": owner})
+    )
+    if isinstance(session, SyncReader):
+        job = session.first(_PREPARED_READS[statement], parameters)
     else:
-        row = (
-            await session.execute(_READ_OWN_JOB, {"read_id": job_id, "read_owner": owner})
-        ).one_or_none()
-    if row is None:
+        row = (await session.execute(statement, parameters)).one_or_none()
+        job = None if row is None else row._asdict()
+    if job is None:
         raise JobNotFound(f"no job has the id {job_id}")
-    job: dict[str, Any] = row._asdict()
     return job

@@ -2,14 +2,14 @@
 
 import uuid
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Row, bindparam, exists, func, select, update
+from sqlalchemy import bindparam, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
-from app.db import Reader
+from app.db import PreparedRead, Reader, SyncReader
 from app.errors import ApiKeyNameTaken, ApiKeyNotFound
 from app.models import ApiKey, Job, JobState, utc_now
 
@@ -68,19 +68,27 @@ _KEYS = ApiKey.__table__.c  # type: ignore[attr-defined]
 _FIND_ACTIVE_KEY = select(
     _KEYS.id, _KEYS.name, _KEYS.key_hash, _KEYS.admin, _KEYS.max_queued, _KEYS.max_running
 ).where(_KEYS.key_hash == bindparam("key_hash"), _KEYS.revoked_at.is_(None))
-_ANY_ACTIVE_KEY = select(exists().where(_KEYS.revoked_at.is_(None)))
+_ANY_ACTIVE_KEY = select(exists().where(_KEYS.revoked_at.is_(None)).label("any_active"))
+# The same for a SyncReader, on its raw sqlite3 connection.
+_PREPARED_FIND_ACTIVE_KEY = PreparedRead(_FIND_ACTIVE_KEY)
+_PREPARED_ANY_ACTIVE_KEY = PreparedRead(_ANY_ACTIVE_KEY)
 
 
-async def find_active_key(*, session: Reader, key_hash: str) -> Row[Any] | None:
+async def find_active_key(*, session: Reader, key_hash: str) -> dict[str, Any] | None:
     """The active key with this hash: its id, name, key_hash, admin, max_queued and
-    max_running (not the ORM object: this runs on every request, on a session or a
-    bare connection)."""
-    found = await session.execute(_FIND_ACTIVE_KEY, {"key_hash": key_hash})
-    return cast("Row[Any] | None", found.one_or_none())
+    max_running by name (not the ORM object: this runs on every request, on a session, a
+    bare connection or a SyncReader)."""
+    if isinstance(session, SyncReader):
+        return session.first(_PREPARED_FIND_ACTIVE_KEY, {"key_hash": key_hash})
+    row = (await session.execute(_FIND_ACTIVE_KEY, {"key_hash": key_hash})).one_or_none()
+    return None if row is None else row._asdict()
 
 
 async def any_active_key(*, session: Reader) -> bool:
     """Whether the service requires keys: some key exists that is not revoked."""
+    if isinstance(session, SyncReader):
+        row = session.first(_PREPARED_ANY_ACTIVE_KEY, {})
+        return row is not None and bool(next(iter(row.values())))
     return bool((await session.execute(_ANY_ACTIVE_KEY)).scalar_one())
 
 

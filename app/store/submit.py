@@ -1,0 +1,159 @@
+"""The fast path of POST /jobs: the queue cap without a probe per submission, and
+submissions written in groups (one INSERT and one commit for all that arrived meanwhile).
+
+A submission with an Idempotency-Key takes `create_job` instead: its row can meet the
+unique index, and a group must not fail for one row.
+"""
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import bindparam, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.db import Reader
+from app.errors import QueueFull
+from app.models import Job, JobCreate, JobState
+from app.settings import Settings
+from app.store.jobs import (
+    JOBS,
+    _add_jobs,
+    _check_owner_quota,
+    _count_queued,
+    _detached_job,
+    _new_job,
+)
+
+# How many jobs are queued, counted up to a cap: reads at most `queued_cap` index entries.
+_QUEUED_UP_TO = select(func.count()).select_from(
+    select(1)
+    .select_from(JOBS)
+    .where(JOBS.c.state == JobState.queued)
+    .limit(bindparam("queued_cap"))
+    .subquery()
+)
+
+
+class QueueRoom:
+    """JOBDOCK_MAX_QUEUED for one process, without reading up to that many index entries
+    for every submission.
+
+    The room left is probed, then counted down by this process's own submissions. It is
+    probed again when it would not take the next submission (so a 503 is only ever
+    answered on a fresh probe) and after `refresh_seconds` (to see jobs that started, and
+    other processes' submissions). A probe also counts the submissions of this process
+    not committed yet (`pending`: they are not in the table). So one process alone never
+    passes the cap; several can pass it by what the others queued within
+    `refresh_seconds`."""
+
+    def __init__(
+        self,
+        refresh_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        pending: Callable[[], int] = lambda: 0,
+    ) -> None:
+        self._refresh_seconds = refresh_seconds
+        self._clock = clock
+        self._pending = pending
+        self._room = 0
+        self._probed_at: float | None = None
+        # One probe at a time: concurrent submissions wait for it rather than each probe
+        # and each count down from the same room.
+        self._probing = asyncio.Lock()
+
+    async def take(self, reader: Reader, settings: Settings, adding: int) -> None:
+        """Make room for `adding` jobs, or raise QueueFull."""
+        if not settings.max_queued:
+            return
+        async with self._probing:
+            now = self._clock()
+            stale = self._probed_at is None or now - self._probed_at >= self._refresh_seconds
+            if stale or self._room < adding:
+                found = await reader.execute(_QUEUED_UP_TO, {"queued_cap": settings.max_queued})
+                self._room = settings.max_queued - int(found.scalar_one()) - self._pending()
+                self._probed_at = now
+            if self._room < adding:
+                queued = await _count_queued(reader)  # for the message only
+                raise QueueFull(
+                    f"the queue is full: {queued} jobs are waiting and this service takes at "
+                    f"most {settings.max_queued}; retry later",
+                    retry_after_seconds=settings.queue_full_retry_after_seconds,
+                )
+            self._room -= adding
+
+    def forget(self) -> None:
+        """Probe again at the next submission (after jobs were queued some other way)."""
+        self._probed_at = None
+
+
+class SubmissionWriter:
+    """Group commit of new jobs: `add()` returns once its row is committed, in one INSERT
+    and one commit with every row added while the previous group was being written.
+
+    Under load this is the difference between one write transaction per request, each
+    holding SQLite's single writer across event-loop turns, and one per group."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._writing: asyncio.Task[None] | None = None
+        self._group_size = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Rows added and not committed yet (nor failed)."""
+        return len(self._pending) + self._group_size
+
+    async def add(self, row: dict[str, Any]) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((row, future))
+        if self._writing is None or self._writing.done():
+            self._writing = asyncio.create_task(self._write(), name="jobdock-submissions")
+        # A request cancelled meanwhile still has its row written (like a commit whose
+        # answer was lost); only its answer is dropped.
+        await future
+
+    async def _write(self) -> None:
+        while self._pending:
+            group, self._pending = self._pending, []
+            self._group_size = len(group)
+            try:
+                async with self._engine.connect() as connection:
+                    await _add_jobs(connection, [row for row, _ in group])
+            except Exception as exc:
+                self._group_size = 0
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(exc)
+            else:
+                self._group_size = 0
+                for _, future in group:
+                    if not future.done():
+                        future.set_result(None)
+
+    async def close(self) -> None:
+        """Wait for the group being written (and those queued behind it)."""
+        if self._writing is not None:
+            await asyncio.wait([self._writing])
+
+
+async def submit_job(
+    *,
+    writer: SubmissionWriter,
+    reader: Reader,
+    room: QueueRoom,
+    job_in: JobCreate,
+    settings: Settings,
+    owner: uuid.UUID | None = None,
+    owner_max_queued: int | None = None,
+) -> Job:
+    """Queue a job without an Idempotency-Key (for one, see create_job): the key's quota
+    and the queue cap read on `reader`, the row written by `writer` with others."""
+    await _check_owner_quota(reader, settings, owner, owner_max_queued, 1)
+    await room.take(reader, settings, 1)
+    row = _new_job(job_in, settings, owner)
+    await writer.add(row)
+    return _detached_job(row)

@@ -1,0 +1,219 @@
+"""The fast paths of submission and reading on a real database: grouped commits
+(app.store.submit.SubmissionWriter), the queue cap counted down (QueueRoom), and the
+prepared reads of a SyncReader (app.db.PreparedRead), which must read exactly what
+SQLAlchemy reads."""
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app import store
+from app.db import SyncReader, create_read_engine, create_session_factory
+from app.errors import JobNotFound, QueueFull
+from app.models import Job, JobCreate, JobResult, JobState
+from app.settings import Settings
+from app.store import keys as key_store
+from tests.test_store import add_job, claimed, finish
+
+JOBS = Job.__table__  # type: ignore[attr-defined]
+JOB_IN = JobCreate(image="busybox", command=["echo", "hi"])
+
+
+@pytest.fixture
+def inserts(db_engine: AsyncEngine) -> Iterator[list[int]]:
+    """The INSERTs into jobs sent from now on: the number of rows of each."""
+    seen: list[int] = []
+
+    def count(
+        _conn: Any, _cursor: Any, statement: str, parameters: Any, _c: Any, many: bool
+    ) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO JOBS"):
+            seen.append(len(parameters) if many else 1)
+
+    event.listen(db_engine.sync_engine, "before_cursor_execute", count)
+    yield seen
+    event.remove(db_engine.sync_engine, "before_cursor_execute", count)
+
+
+@pytest.fixture
+def read_engine(settings: Settings, db_engine: AsyncEngine) -> Iterator[Engine | None]:
+    engine = create_read_engine(settings.database_url)
+    yield engine
+    if engine is not None:
+        engine.dispose()
+
+
+@pytest.fixture
+async def reader(db_engine: AsyncEngine, read_engine: Engine | None) -> AsyncIterator[Any]:
+    """What the API reads with: a SyncReader on SQLite, a connection on PostgreSQL."""
+    if read_engine is None:
+        async with db_engine.connect() as connection:
+            yield connection
+        return
+    raw = read_engine.raw_connection()
+    sync_reader = SyncReader(read_engine, raw.driver_connection)  # type: ignore[arg-type]
+    try:
+        yield sync_reader
+    finally:
+        sync_reader.close()
+        raw.close()
+
+
+async def queued_count(db_engine: AsyncEngine) -> int:
+    async with db_engine.connect() as connection:
+        found = await connection.execute(
+            select(func.count()).select_from(JOBS).where(JOBS.c.state == JobState.queued)
+        )
+        return int(found.scalar_one())
+
+
+async def test_concurrent_submissions_share_a_few_inserts_and_all_are_stored(
+    db_engine: AsyncEngine, settings: Settings, reader: Any, inserts: list[int]
+) -> None:
+    writer = store.SubmissionWriter(db_engine)
+    room = store.QueueRoom()
+    jobs = await asyncio.gather(
+        *(
+            store.submit_job(
+                writer=writer, reader=reader, room=room, job_in=JOB_IN, settings=settings
+            )
+            for _ in range(50)
+        )
+    )
+    await writer.close()
+    assert len({job.id for job in jobs}) == 50
+    assert sum(inserts) == 50
+    # Grouped: those that arrived while a group was being written went in the next one.
+    # (How many groups depends on the reads before each; on SQLite, which reads without
+    # awaiting, the first submission goes alone and the other 49 together.)
+    assert len(inserts) < 25 and max(inserts) > 1, inserts
+    for job in jobs:
+        stored = await store.read_job(session=reader, job_id=job.id)
+        assert stored["state"] == JobState.queued
+        assert stored["command"] == ["echo", "hi"]
+        assert stored["memory_mb"] == settings.default_memory_mb
+
+
+async def test_a_failed_group_fails_each_of_its_submissions(
+    db_engine: AsyncEngine, settings: Settings, reader: Any
+) -> None:
+    writer = store.SubmissionWriter(db_engine)
+    taken = uuid.uuid4()
+    await add_job(create_session_factory(db_engine), id=taken)
+    rows = [store.jobs._new_job(JOB_IN, settings) for _ in range(3)]
+    rows[1]["id"] = taken  # the primary key is taken: the whole group's INSERT fails
+    outcomes = await asyncio.gather(*(writer.add(row) for row in rows), return_exceptions=True)
+    await writer.close()
+    assert all(isinstance(outcome, Exception) for outcome in outcomes), outcomes
+    assert await queued_count(db_engine) == 1  # only the job that was there before
+    # The writer goes on with the next group.
+    job = await store.submit_job(
+        writer=writer, reader=reader, room=store.QueueRoom(), job_in=JOB_IN, settings=settings
+    )
+    assert (await store.read_job(session=reader, job_id=job.id))["state"] == JobState.queued
+
+
+async def test_the_queue_cap_holds_exactly_for_one_process(
+    db_engine: AsyncEngine, settings: Settings, reader: Any
+) -> None:
+    capped = settings.model_copy(update={"max_queued": 5})
+    writer = store.SubmissionWriter(db_engine)
+    # A clock that never moves: no refresh by time, only the count-down and the re-probe.
+    room = store.QueueRoom(clock=lambda: 0.0, pending=lambda: writer.in_flight)
+
+    async def submit() -> Job:
+        return await store.submit_job(
+            writer=writer, reader=reader, room=room, job_in=JOB_IN, settings=capped
+        )
+
+    # Eight at once: the re-probes of the last three count the five not committed yet.
+    outcomes = await asyncio.gather(*(submit() for _ in range(8)), return_exceptions=True)
+    assert sum(isinstance(outcome, Job) for outcome in outcomes) == 5, outcomes
+    assert sum(isinstance(outcome, QueueFull) for outcome in outcomes) == 3, outcomes
+    assert await queued_count(db_engine) == 5
+    with pytest.raises(QueueFull) as refused:
+        await submit()
+    assert refused.value.retry_after_seconds == capped.queue_full_retry_after_seconds
+    assert "5 jobs are waiting" in str(refused.value)
+    # One job leaves the queue: the refusal's re-probe sees the room at once.
+    async with create_session_factory(db_engine)() as session:
+        await store.cancel_job(session=session, job_id=(await submit_ids(db_engine))[0])
+    await submit()
+    with pytest.raises(QueueFull):
+        await submit()
+    await writer.close()
+    assert await queued_count(db_engine) == 5
+
+
+async def submit_ids(db_engine: AsyncEngine) -> list[uuid.UUID]:
+    async with db_engine.connect() as connection:
+        found = await connection.execute(select(JOBS.c.id).where(JOBS.c.state == JobState.queued))
+        return [row.id for row in found]
+
+
+async def test_the_room_sees_other_processes_after_its_refresh(
+    db_engine: AsyncEngine, settings: Settings, reader: Any
+) -> None:
+    capped = settings.model_copy(update={"max_queued": 4})
+    now = [0.0]
+    room = store.QueueRoom(refresh_seconds=1.0, clock=lambda: now[0])
+    await room.take(reader, capped, 1)  # probed: 4 free, 3 left after this one
+    sessions = create_session_factory(db_engine)
+    for _ in range(3):  # another process queues three jobs
+        await add_job(sessions)
+    await room.take(reader, capped, 1)  # not probed again yet: counted down from 3 to 2
+    now[0] = 1.0
+    with pytest.raises(QueueFull):  # probed: 3 queued of 4, none free for 2
+        await room.take(reader, capped, 2)
+    room.forget()
+    await room.take(reader, capped, 1)
+
+
+async def test_prepared_reads_read_what_sqlalchemy_reads(
+    db_engine: AsyncEngine, settings: Settings, reader: Any
+) -> None:
+    if not isinstance(reader, SyncReader):
+        pytest.skip("prepared reads are SQLite's (a SyncReader)")
+    sessions = create_session_factory(db_engine)
+    owner = uuid.uuid4()
+    job = await add_job(
+        sessions,
+        command=["sh", "-c", "echo 'é'"],
+        env={"A": "1"},
+        labels={"team": "ml"},
+        owner=owner,
+    )
+    claimed_job = await claimed(sessions)
+    assert claimed_job.id == job.id
+    await finish(
+        sessions,
+        job.id,
+        "worker-a",
+        JobResult(state=JobState.failed, exit_code=3, stdout="out", error="boom"),
+    )
+    async with db_engine.connect() as connection:
+        expected = await store.read_job(session=connection, job_id=job.id)
+        expected_own = await store.read_job(session=connection, job_id=job.id, owner=owner)
+    assert await store.read_job(session=reader, job_id=job.id) == expected
+    assert await store.read_job(session=reader, job_id=job.id, owner=owner) == expected_own
+    assert expected["finished_at"] is not None and expected["finished_at"].tzinfo is not None
+    assert expected["labels"] == {"team": "ml"}
+    with pytest.raises(JobNotFound):
+        await store.read_job(session=reader, job_id=job.id, owner=uuid.uuid4())
+
+    assert await key_store.any_active_key(session=reader) is False
+    async with sessions() as session:
+        key = await key_store.create_key(
+            session=session, name="k", key_hash="ab" * 32, max_queued=7
+        )
+    assert await key_store.any_active_key(session=reader) is True
+    found = await key_store.find_active_key(session=reader, key_hash="ab" * 32)
+    async with db_engine.connect() as connection:
+        assert found == await key_store.find_active_key(session=connection, key_hash="ab" * 32)
+    assert found is not None and found["id"] == key.id and found["max_queued"] == 7
+    assert await key_store.find_active_key(session=reader, key_hash="cd" * 32) is None
