@@ -1,11 +1,13 @@
 """The async database engine and session factory, for SQLite (WAL) and PostgreSQL."""
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic_core import from_json
 from sqlalchemy import Dialect, Engine, Executable, Result, event
 from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.engine import URL, Connection, make_url
@@ -37,11 +39,22 @@ POOL_MAX_OVERFLOW = 20
 POOL_RECYCLE_SECONDS = 1800
 
 
+def json_deserializer(text: str | bytes) -> Any:
+    """JSON columns (a job's command, env, labels...) read back: pydantic-core's parser, some
+    five times faster than json.loads on them; json.loads for what it refuses and json.loads
+    accepts (a lone surrogate escape, which a submission's JSON may carry)."""
+    try:
+        return from_json(text)
+    except ValueError:
+        return json.loads(text)
+
+
 def create_engine(database_url: str) -> AsyncEngine:
     url = make_url(database_url)
     if url.get_backend_name() != "sqlite":
         return create_async_engine(
             url,
+            json_deserializer=json_deserializer,
             pool_size=POOL_SIZE,
             max_overflow=POOL_MAX_OVERFLOW,
             pool_recycle=POOL_RECYCLE_SECONDS,
@@ -55,6 +68,7 @@ def create_engine(database_url: str) -> AsyncEngine:
         # before a read, which runs in autocommit: WAL reads never wait) takes the write
         # lock at once.
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "isolation_level": "IMMEDIATE"},
+        json_deserializer=json_deserializer,
         pool_size=POOL_SIZE,
         max_overflow=POOL_MAX_OVERFLOW,
         # The reset below instead: no rollback (a round trip to aiosqlite's thread) for a
@@ -294,6 +308,7 @@ def create_read_engine(database_url: str) -> Engine | None:
     engine = create_sync_engine(
         url.set(drivername="sqlite+pysqlite"),
         connect_args={"timeout": SQLITE_READER_BUSY_TIMEOUT_SECONDS},
+        json_deserializer=json_deserializer,
         pool_size=POOL_SIZE,
         # No limit: a checkout that waited would block the event loop (a GET with `wait`
         # holds its reader while it waits). Connections past pool_size close on return.

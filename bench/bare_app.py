@@ -3,15 +3,17 @@
     python -m bench.bare_app --port 8001
 
 Same uvicorn options as app/cli.py serve (log level info, so access logs are on, and the
-same graceful-shutdown timeout), same logging configuration, one process.
+same graceful-shutdown timeout), the same logging (app.logs, JSON lines), one process.
 """
 
 import argparse
-import logging
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+
+from app.logs import configure_logging
+from app.settings import Settings
 
 CONSTANT = {"status": "ok", "service": "bare", "answer": 42}
 
@@ -34,14 +36,15 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args()
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    # Jobdock's own logging (app.logs: JSON lines on stderr, uvicorn's access log included),
+    # configured as `jobdock serve` configures it.
+    configure_logging(Settings(log_level=args.log_level))
     uvicorn.run(
         app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
+        log_config=None,
         timeout_graceful_shutdown=5,
     )
 

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col
 
 from app import store
-from app.db import SessionFactory
+from app.db import SessionFactory, json_deserializer
 from app.errors import InvalidCursor, JobAlreadyFinished, JobNotFound, QueueFull, QuotaExceeded
 from app.models import Job, JobCreate, JobPublic, JobResult, JobState, utc_now
 from app.settings import Settings
@@ -628,6 +628,21 @@ async def test_a_created_job_reads_back_as_submitted_with_the_defaults(
     with pytest.raises(JobNotFound):
         async with db_engine.connect() as connection:
             await store.read_job(session=connection, job_id=job.id, owner=uuid.uuid4())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"team": "ml", "n": [1, 2.5, null, true, "\\u00e9"]}',
+        '["echo", "hi"]',
+        "12345678901234567890123456789",
+        # pydantic-core refuses a lone surrogate escape; json.loads (the fallback) reads it.
+        '{"a": "\\ud800"}',
+    ],
+)
+def test_json_columns_read_back_as_json_loads_reads_them(text: str) -> None:
+    assert json_deserializer(text) == json.loads(text)
+    assert json_deserializer(text.encode()) == json.loads(text)
 
 
 async def test_writers_in_one_process_queue_for_sqlite_instead_of_backing_off(

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import store
@@ -197,6 +197,9 @@ def _location(request: Request, job_id: object) -> str:
 
 
 _to_json = JobPublic.__pydantic_serializer__.to_json
+# JobPublic.model_validate without SQLModel's wrapper (which, for a model that is not a
+# table, makes the same instance by a longer way).
+_validate_public = JobPublic.__pydantic_validator__.validate_python
 
 
 def _job_response(
@@ -205,11 +208,106 @@ def _job_response(
     """A job (or its row) as JobPublic JSON, validated and serialized once (FastAPI would validate
     a returned model again for the route's response_model, which documents the shape)."""
     return Response(
-        _to_json(JobPublic.model_validate(job)),
+        _to_json(_validate_public(job)),
         status_code=status_code,
         headers=headers,
         media_type="application/json",
     )
+
+
+# GET /jobs/{id}, the busiest route, is the router's first (the one it tries first). Its
+# parameters are read by the route itself and declared in its spec as FastAPI would declare
+# `job_id: str` and `wait: Annotated[float | None, Query(ge=0, le=86400)]` (a test checks).
+WAIT_DESCRIPTION = "Seconds to wait for a terminal state"
+_WAIT = TypeAdapter(Annotated[float, Field(ge=0, le=86400)])
+# FastAPI's own 422 answer, which it declares only for routes with parameters it resolves.
+VALIDATION_ERROR: dict[str, Any] = {
+    "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}
+    },
+    "description": "Validation Error",
+}
+JOB_ID_PARAMETER: dict[str, Any] = {
+    "in": "path",
+    "name": "job_id",
+    "required": True,
+    "schema": {"title": "Job Id", "type": "string"},
+}
+WAIT_PARAMETER: dict[str, Any] = {
+    "description": WAIT_DESCRIPTION,
+    "in": "query",
+    "name": "wait",
+    "required": False,
+    "schema": {
+        "anyOf": [{"maximum": 86400, "minimum": 0, "type": "number"}, {"type": "null"}],
+        "description": WAIT_DESCRIPTION,
+        "title": "Wait",
+    },
+}
+
+
+def _wait_seconds(request: Request) -> float | None:
+    """The `wait` query parameter (its last value), validated as FastAPI would validate it
+    (the same errors, a 422): FastAPI's resolution of an optional query parameter cost more
+    per request than the read it comes with."""
+    values = request.query_params.getlist("wait")
+    if not values:
+        return None
+    try:
+        return _WAIT.validate_python(values[-1])
+    except ValidationError as error:
+        raise RequestValidationError(
+            [{**detail, "loc": ("query", "wait")} for detail in error.errors(include_url=False)]
+        ) from None
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobPublic,
+    operation_id="get_job",
+    summary="Get a job, or wait for it to finish",
+    description=(
+        "With `wait`, answers as soon as the job is in a terminal state, or after at most "
+        "`wait` seconds with the job as it is then (longer waits are shortened to the "
+        "service's maximum)."
+    ),
+    responses=NOT_FOUND,
+    openapi_extra={
+        **BEARER_SECURITY,
+        "parameters": [JOB_ID_PARAMETER, WAIT_PARAMETER],
+        "responses": {"422": VALIDATION_ERROR},
+    },
+)
+async def get_job(request: Request) -> Response:
+    # The job's id, `wait`, the reader and the key check without FastAPI's resolution of
+    # parameters and dependencies (see _wait_seconds and read_principal).
+    job_id: str = request.path_params["job_id"]
+    wait = _wait_seconds(request)
+    async with reading(request) as connection:
+        principal = await read_principal(request, connection)
+        return await _read_or_wait(request, connection, job_id, owner_filter(principal), wait)
+
+
+async def _read_or_wait(
+    request: Request, connection: Reader, job_id: str, owner: uuid.UUID | None, wait: float | None
+) -> Response:
+    uuid_ = store.parse_job_id(job_id)
+    if not wait:
+        return _job_response(await store.read_job(session=connection, job_id=uuid_, owner=owner))
+    settings: Settings = request.app.state.settings
+    events: JobEvents = request.app.state.events
+    deadline = asyncio.get_running_loop().time() + min(wait, settings.wait_max_seconds)
+    with events.subscribe(uuid_) as changed:
+        while True:
+            changed.clear()
+            # Each read stands alone (no transaction is kept: see get_reader), so the next
+            # one sees later commits.
+            job = await store.read_job(session=connection, job_id=uuid_, owner=owner)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if JobState(job["state"]).is_terminal or remaining <= 0:
+                return _job_response(job)
+            # Notifications wake us at once; the re-read is a fallback for a missed one.
+            await wait_for_change(changed, min(remaining, settings.poll_interval_seconds))
 
 
 @router.post(
@@ -364,54 +462,6 @@ async def list_jobs(
         owner=owner_filter(principal),
     )
     return JobPage(items=[JobSummary.model_validate(job) for job in jobs], next_cursor=next_cursor)
-
-
-@router.get(
-    "/{job_id}",
-    response_model=JobPublic,
-    operation_id="get_job",
-    summary="Get a job, or wait for it to finish",
-    description=(
-        "With `wait`, answers as soon as the job is in a terminal state, or after at most "
-        "`wait` seconds with the job as it is then (longer waits are shortened to the "
-        "service's maximum)."
-    ),
-    responses=NOT_FOUND,
-    openapi_extra=BEARER_SECURITY,
-)
-async def get_job(
-    job_id: str,
-    request: Request,
-    wait: Annotated[
-        float | None, Query(ge=0, le=86400, description="Seconds to wait for a terminal state")
-    ] = None,
-) -> Response:
-    # The reader and the key check without dependencies (see read_principal).
-    async with reading(request) as connection:
-        principal = await read_principal(request, connection)
-        return await _read_or_wait(request, connection, job_id, owner_filter(principal), wait)
-
-
-async def _read_or_wait(
-    request: Request, connection: Reader, job_id: str, owner: uuid.UUID | None, wait: float | None
-) -> Response:
-    uuid_ = store.parse_job_id(job_id)
-    if not wait:
-        return _job_response(await store.read_job(session=connection, job_id=uuid_, owner=owner))
-    settings: Settings = request.app.state.settings
-    events: JobEvents = request.app.state.events
-    deadline = asyncio.get_running_loop().time() + min(wait, settings.wait_max_seconds)
-    with events.subscribe(uuid_) as changed:
-        while True:
-            changed.clear()
-            # Each read stands alone (no transaction is kept: see get_reader), so the next
-            # one sees later commits.
-            job = await store.read_job(session=connection, job_id=uuid_, owner=owner)
-            remaining = deadline - asyncio.get_running_loop().time()
-            if JobState(job["state"]).is_terminal or remaining <= 0:
-                return _job_response(job)
-            # Notifications wake us at once; the re-read is a fallback for a missed one.
-            await wait_for_change(changed, min(remaining, settings.poll_interval_seconds))
 
 
 @router.post(
