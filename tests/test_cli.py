@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 import uuid
@@ -360,3 +361,54 @@ async def test_bad_command_lines_are_rejected_locally() -> None:
     bad_url = await jobdock("ls", url="not a url")
     assert bad_url.code in (2, 69), bad_url
     assert "Traceback" not in bad_url.stderr, bad_url
+
+
+async def test_submit_wait_on_a_terminal_shows_the_state_as_it_changes(
+    service: Service, test_image: str
+) -> None:
+    """On a terminal, `submit --wait` keeps a status line (rich's spinner) with the job's
+    state and the time waited; the job's output still goes to stdout, untouched."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    environ = {k: v for k, v in os.environ.items() if k != "JOBDOCK_URL"}
+    environ.update(JOBDOCK_URL=service.url, TERM="xterm-256color", COLUMNS="120")
+    process = await asyncio.create_subprocess_exec(
+        *JOBDOCK,
+        "submit",
+        "--wait",
+        test_image,
+        "--",
+        "sh",
+        "-c",
+        "sleep 3; echo finished",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=terminal,
+        env=environ,
+    )
+    os.close(terminal)
+    seen = bytearray()
+
+    def read_terminal() -> None:
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the other end closed (EIO)
+                return
+            if not chunk:
+                return
+            seen.extend(chunk)
+
+    reading = asyncio.get_running_loop().run_in_executor(None, read_terminal)
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), 120)
+        await asyncio.wait_for(reading, 30)
+    finally:
+        os.close(controller)
+    shown = seen.decode(errors="replace")
+    assert process.returncode == 0, shown
+    assert out.decode() == "finished\n", shown
+    # The status line names the job and moves from its first state to running.
+    assert re.search(r"job [0-9a-f-]{36}: (queued|running) \(\d+ s\)", shown), shown
+    assert re.search(r"job [0-9a-f-]{36}: running \(\d+ s\)", shown), shown
