@@ -31,6 +31,15 @@ class Run:
         return f"exit {self.code}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
 
 
+def _environ(url: str | None, env: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment with JOBDOCK_URL set to `url` (unset if None), and `env`."""
+    environ = {k: v for k, v in os.environ.items() if k != "JOBDOCK_URL"}
+    if url is not None:
+        environ["JOBDOCK_URL"] = url
+    environ.update(env or {})
+    return environ
+
+
 async def jobdock(
     *args: str,
     url: str | None,
@@ -39,17 +48,13 @@ async def jobdock(
     timeout: float = 120.0,
 ) -> Run:
     """Run `jobdock ARGS` with JOBDOCK_URL set to `url` (unset if None)."""
-    environ = {k: v for k, v in os.environ.items() if k != "JOBDOCK_URL"}
-    if url is not None:
-        environ["JOBDOCK_URL"] = url
-    environ.update(env or {})
     process = await asyncio.create_subprocess_exec(
         *JOBDOCK,
         *args,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=environ,
+        env=_environ(url, env),
     )
     try:
         out, err = await asyncio.wait_for(
@@ -371,8 +376,6 @@ async def test_submit_wait_on_a_terminal_shows_the_state_as_it_changes(
     import pty
 
     controller, terminal = pty.openpty()
-    environ = {k: v for k, v in os.environ.items() if k != "JOBDOCK_URL"}
-    environ.update(JOBDOCK_URL=service.url, TERM="xterm-256color", COLUMNS="120")
     process = await asyncio.create_subprocess_exec(
         *JOBDOCK,
         "submit",
@@ -385,7 +388,7 @@ async def test_submit_wait_on_a_terminal_shows_the_state_as_it_changes(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=terminal,
-        env=environ,
+        env=_environ(service.url, {"TERM": "xterm-256color", "COLUMNS": "120"}),
     )
     os.close(terminal)
     seen = bytearray()
