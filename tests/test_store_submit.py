@@ -86,14 +86,14 @@ async def test_concurrent_submissions_share_a_few_inserts_and_all_are_stored(
         )
     )
     await writer.close()
-    assert len({job.id for job in jobs}) == 50
+    assert len({job["id"] for job in jobs}) == 50
     assert sum(inserts) == 50
     # Grouped: those that arrived while a group was being written went in the next one.
     # (How many groups depends on the reads before each; on SQLite, which reads without
     # awaiting, the first submission goes alone and the other 49 together.)
     assert len(inserts) < 25 and max(inserts) > 1, inserts
     for job in jobs:
-        stored = await store.read_job(session=reader, job_id=job.id)
+        stored = await store.read_job(session=reader, job_id=job["id"])
         assert stored["state"] == JobState.queued
         assert stored["command"] == ["echo", "hi"]
         assert stored["memory_mb"] == settings.default_memory_mb
@@ -115,7 +115,7 @@ async def test_a_failed_group_fails_each_of_its_submissions(
     job = await store.submit_job(
         writer=writer, reader=reader, room=store.QueueRoom(), job_in=JOB_IN, settings=settings
     )
-    assert (await store.read_job(session=reader, job_id=job.id))["state"] == JobState.queued
+    assert (await store.read_job(session=reader, job_id=job["id"]))["state"] == JobState.queued
 
 
 async def test_the_queue_cap_holds_exactly_for_one_process(
@@ -126,14 +126,14 @@ async def test_the_queue_cap_holds_exactly_for_one_process(
     # A clock that never moves: no refresh by time, only the count-down and the re-probe.
     room = store.QueueRoom(clock=lambda: 0.0, pending=lambda: writer.in_flight)
 
-    async def submit() -> Job:
+    async def submit() -> dict[str, Any]:
         return await store.submit_job(
             writer=writer, reader=reader, room=room, job_in=JOB_IN, settings=capped
         )
 
     # Eight at once: the re-probes of the last three count the five not committed yet.
     outcomes = await asyncio.gather(*(submit() for _ in range(8)), return_exceptions=True)
-    assert sum(isinstance(outcome, Job) for outcome in outcomes) == 5, outcomes
+    assert sum(isinstance(outcome, dict) for outcome in outcomes) == 5, outcomes
     assert sum(isinstance(outcome, QueueFull) for outcome in outcomes) == 3, outcomes
     assert await queued_count(db_engine) == 5
     with pytest.raises(QueueFull) as refused:

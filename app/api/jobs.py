@@ -5,11 +5,11 @@ import re
 import uuid
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
-from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
+from pydantic import BeforeValidator, Field, StringConstraints, TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import store
@@ -43,6 +43,7 @@ from app.settings import Settings
 from app.worker.pool import WorkerPool
 
 Responses = dict[int | str, dict[str, Any]]
+T = TypeVar("T")
 
 UNAUTHORIZED: Responses = {
     401: {
@@ -74,6 +75,21 @@ QUOTA_EXCEEDED = _retry_later(
     429, "The API key's quota of queued jobs is used; retry after `Retry-After`"
 )
 IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
+IDEMPOTENCY_KEY_DESCRIPTION = "Any 1-255 printable ASCII characters, unique per intended job"
+# POST /jobs reads the header itself; its spec says what FastAPI would say of
+# `Annotated[str | None, Header(alias="Idempotency-Key", pattern=..., description=...)]`.
+_IDEMPOTENCY_KEY = TypeAdapter(Annotated[str, StringConstraints(pattern=IDEMPOTENCY_KEY_PATTERN)])
+IDEMPOTENCY_KEY_PARAMETER: dict[str, Any] = {
+    "description": IDEMPOTENCY_KEY_DESCRIPTION,
+    "in": "header",
+    "name": "Idempotency-Key",
+    "required": False,
+    "schema": {
+        "anyOf": [{"pattern": IDEMPOTENCY_KEY_PATTERN, "type": "string"}, {"type": "null"}],
+        "description": IDEMPOTENCY_KEY_DESCRIPTION,
+        "title": "Idempotency-Key",
+    },
+}
 
 
 def _cap_errors(job_in: JobCreate, settings: Settings, loc: tuple[Any, ...]) -> list[Any]:
@@ -246,19 +262,26 @@ WAIT_PARAMETER: dict[str, Any] = {
 }
 
 
-def _wait_seconds(request: Request) -> float | None:
-    """The `wait` query parameter (its last value), validated as FastAPI would validate it
-    (the same errors, a 422): FastAPI's resolution of an optional query parameter cost more
-    per request than the read it comes with."""
-    values = request.query_params.getlist("wait")
-    if not values:
+def _optional_parameter(
+    value: str | None, adapter: TypeAdapter[T], loc: tuple[str, str]
+) -> T | None:
+    """An optional parameter the route reads itself, validated as FastAPI would validate it
+    (the same errors, a 422 at `loc`): FastAPI's resolution of a parameter cost more per
+    request than the reads the route makes."""
+    if value is None:
         return None
     try:
-        return _WAIT.validate_python(values[-1])
+        return adapter.validate_python(value)
     except ValidationError as error:
         raise RequestValidationError(
-            [{**detail, "loc": ("query", "wait")} for detail in error.errors(include_url=False)]
+            [{**detail, "loc": loc} for detail in error.errors(include_url=False)]
         ) from None
+
+
+def _wait_seconds(request: Request) -> float | None:
+    """The `wait` query parameter: its last value, as FastAPI takes it."""
+    values = request.query_params.getlist("wait")
+    return _optional_parameter(values[-1] if values else None, _WAIT, ("query", "wait"))
 
 
 @router.get(
@@ -327,22 +350,15 @@ async def _read_or_wait(
         **QUEUE_FULL,
         **QUOTA_EXCEEDED,
     },
-    openapi_extra=BEARER_SECURITY,
+    openapi_extra={**BEARER_SECURITY, "parameters": [IDEMPOTENCY_KEY_PARAMETER]},
 )
-async def submit_job(
-    job_in: JobCreate,
-    request: Request,
-    idempotency_key: Annotated[
-        str | None,
-        Header(
-            alias="Idempotency-Key",
-            pattern=IDEMPOTENCY_KEY_PATTERN,
-            description="Any 1-255 printable ASCII characters, unique per intended job",
-        ),
-    ] = None,
-) -> Response:
-    # The app's state directly, and the reader and the key check without dependencies
-    # (see read_principal): each dependency costs on every request.
+async def submit_job(job_in: JobCreate, request: Request) -> Response:
+    # The app's state directly, and the Idempotency-Key, the reader and the key check
+    # without FastAPI's resolution of parameters and dependencies (see _optional_parameter
+    # and read_principal): each costs on every request.
+    idempotency_key = _optional_parameter(
+        request.headers.get("idempotency-key"), _IDEMPOTENCY_KEY, ("header", "Idempotency-Key")
+    )
     settings: Settings = request.app.state.settings
     pool: WorkerPool | None = request.app.state.pool
     check_caps(job_in, settings)
@@ -350,6 +366,7 @@ async def submit_job(
         principal = await read_principal(request, reader)
         owner = owner_of_new_jobs(principal)
         owner_max_queued = None if principal is None else principal.max_queued
+        job: Job | dict[str, Any]
         if idempotency_key is None:
             job = await store.submit_job(
                 writer=request.app.state.submissions,
@@ -360,6 +377,7 @@ async def submit_job(
                 owner=owner,
                 owner_max_queued=owner_max_queued,
             )
+            job_id = job["id"]
             created = True
         else:
             engine: AsyncEngine = request.app.state.engine
@@ -373,7 +391,8 @@ async def submit_job(
                     owner=owner,
                     owner_max_queued=owner_max_queued,
                 )
-    headers = {"Location": _location(request, job.id)}
+            job_id = job.id
+    headers = {"Location": _location(request, job_id)}
     if created:
         metrics: Metrics = request.app.state.metrics
         metrics.job_submitted()

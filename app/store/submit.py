@@ -16,14 +16,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db import Reader
 from app.errors import QueueFull
-from app.models import Job, JobCreate, JobState
+from app.models import JobCreate, JobState
 from app.settings import Settings
 from app.store.jobs import (
     JOBS,
     _add_jobs,
     _check_owner_quota,
     _count_queued,
-    _detached_job,
     _new_job,
 )
 
@@ -149,11 +148,12 @@ async def submit_job(
     settings: Settings,
     owner: uuid.UUID | None = None,
     owner_max_queued: int | None = None,
-) -> Job:
+) -> dict[str, Any]:
     """Queue a job without an Idempotency-Key (for one, see create_job): the key's quota
-    and the queue cap read on `reader`, the row written by `writer` with others."""
+    and the queue cap read on `reader`, the row written by `writer` with others. The new
+    job's row (every column) is returned: a Job built of it would only be read back."""
     await _check_owner_quota(reader, settings, owner, owner_max_queued, 1)
     await room.take(reader, settings, 1)
     row = _new_job(job_in, settings, owner)
     await writer.add(row)
-    return _detached_job(row)
+    return row
