@@ -3,7 +3,9 @@
 32 concurrent clients, each sending its next request as soon as the last one answered
 (closed loop), against:
   - a bare FastAPI app (bench/bare_app.py) that returns a constant JSON, served by uvicorn
-    with the options of `jobdock serve`, in its own process: the framework limit;
+    with the options of `jobdock serve`, in its own process: the framework limit (the
+    ratios' target is against it); beside it, for context, the same app's POST of Jobdock's
+    body validated as JobCreate with a constant answer (the framework's share of a POST);
   - Jobdock `POST /jobs` and `GET /jobs/{id}` (API only: JOBDOCK_WORKERS=0, so the
     submitted jobs stay queued and no container competes for the CPU);
   - `GET /jobs/{id}` while a Jobdock with 4 workers is saturated: 4 `sleep` jobs running
@@ -11,7 +13,7 @@
 The load generator is `wrk` (one thread) when installed, and beside it 32 aiohttp tasks
 in this process (`--api-client`: auto, wrk, aiohttp, httpx, both). httpx was tried first:
 on this machine it tops out near 200 req/s against the bare app, so it measures itself.
-Interleaved bare/POST/GET per round, medians of the rounds.
+Interleaved bare/bare POST/POST/GET per round, medians of the rounds.
 """
 
 import asyncio
@@ -197,6 +199,10 @@ async def check_answers(service: Service, bare: BareApp) -> str:
     async with httpx.AsyncClient() as client:
         constant = await client.get(f"{bare.url}/constant")
         check(constant.json()["answer"] == 42, f"bare app answered {constant.text}")
+        validated = await client.post(f"{bare.url}/validated", json=JOB_BODY)
+        check(validated.status_code == 202, f"bare app POST answered {validated.text}")
+        refused = await client.post(f"{bare.url}/validated", json={"command": ["true"]})
+        check(refused.status_code == 422, f"bare app took a body without an image: {refused.text}")
         posted = await client.post(f"{service.url}/jobs", json=JOB_BODY)
         check(posted.status_code == 202, f"POST /jobs {posted.status_code} {posted.text}")
         job = posted.json()
@@ -231,10 +237,13 @@ async def run(
         job_id = await check_answers(service, bare)
         pid = service.process.pid if service.process else 0
         for client in clients:
-            runs: dict[str, list[Load]] = {"bare": [], "post": [], "get": []}
+            runs: dict[str, list[Load]] = {"bare": [], "bare_post": [], "post": [], "get": []}
             for index in range(rounds):
                 runs["bare"].append(
                     await load(client, f"{bare.url}/constant", "GET", None, seconds, 200)
+                )
+                runs["bare_post"].append(
+                    await load(client, f"{bare.url}/validated", "POST", JOB_BODY, seconds, 202)
                 )
                 profile = profile_dir is not None and index == 0 and client == clients[0]
                 with profiled(
@@ -272,6 +281,15 @@ async def run(
                 part,
                 f"bare FastAPI GET constant ({client}, {CLIENTS} clients)",
                 fmt(summary["bare"]),
+            )
+            post_to_bare_post = (
+                summary["post"].requests_per_second / summary["bare_post"].requests_per_second
+            )
+            results.add(
+                part,
+                f"bare FastAPI POST of the same body, validated as JobCreate, constant answer "
+                f"({client}); Jobdock POST /jobs's ratio to it",
+                f"{fmt(summary['bare_post'])}; {post_to_bare_post:.2f}",
             )
             for name, label in (("post", "POST /jobs"), ("get", "GET /jobs/{id}")):
                 # Per round against the bare run just before it, then the median.

@@ -13,6 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from app.logs import configure_logging
+from app.models import JobCreate
 from app.settings import Settings
 
 CONSTANT = {"status": "ok", "service": "bare", "answer": 42}
@@ -27,6 +28,13 @@ async def constant() -> dict[str, Any]:
 
 @app.post("/constant", status_code=202)
 async def constant_post() -> dict[str, Any]:
+    return CONSTANT
+
+
+@app.post("/validated", status_code=202)
+async def validated_post(job: JobCreate) -> dict[str, Any]:
+    """The framework's share of a POST /jobs: the same body read and validated as JobCreate,
+    and a constant answer (no key check, no queue cap, no write, no job in the answer)."""
     return CONSTANT
 
 
