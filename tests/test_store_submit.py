@@ -13,7 +13,13 @@ from sqlalchemy import Engine, event, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import store
-from app.db import SyncReader, create_read_engine, create_session_factory
+from app.db import (
+    POOL_MAX_OVERFLOW,
+    POOL_SIZE,
+    SyncReader,
+    create_read_engine,
+    create_session_factory,
+)
 from app.errors import JobNotFound, QueueFull
 from app.models import Job, JobCreate, JobResult, JobState
 from app.settings import Settings
@@ -97,6 +103,32 @@ async def test_concurrent_submissions_share_a_few_inserts_and_all_are_stored(
         assert stored["state"] == JobState.queued
         assert stored["command"] == ["echo", "hi"]
         assert stored["memory_mb"] == settings.default_memory_mb
+
+
+async def test_more_submitters_than_pooled_connections_each_reading_on_one(
+    db_engine: AsyncEngine, settings: Settings
+) -> None:
+    """As POST /jobs does on PostgreSQL: each submission reads (quota, queue cap) on a pooled
+    connection of the writer's own engine, and waits for its commit only after giving that
+    connection back. Held while waiting, the connections would all be taken by submitters
+    waiting for a writer that waits for a connection: stuck until the pool's timeout."""
+    writer = store.SubmissionWriter(db_engine)
+    room = store.QueueRoom(pending=lambda: writer.in_flight)
+    submitters = POOL_SIZE + POOL_MAX_OVERFLOW + 10
+
+    async def submit() -> dict[str, Any]:
+        async with db_engine.connect() as reader:
+            row, committed = await store.queue_job(
+                writer=writer, reader=reader, room=room, job_in=JOB_IN, settings=settings
+            )
+        await committed
+        return row
+
+    # Far longer than the grouped commits take, far shorter than the pool's 30 s timeout.
+    rows = await asyncio.wait_for(asyncio.gather(*(submit() for _ in range(submitters))), 20)
+    await writer.close()
+    assert len({row["id"] for row in rows}) == submitters
+    assert await queued_count(db_engine) == submitters
 
 
 async def test_a_failed_group_fails_each_of_its_submissions(

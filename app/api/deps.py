@@ -57,6 +57,23 @@ async def reading(request: Request) -> AsyncIterator[Reader]:
         yield connection
 
 
+@asynccontextmanager
+async def writing(request: Request) -> AsyncIterator[tuple[AsyncConnection, Reader]]:
+    """A connection to write on, and what to read on before the first write (see
+    get_write_reader): on SQLite a SyncReader, elsewhere that same connection, so that a
+    request never holds one pooled connection while it waits for a second."""
+    engine: AsyncEngine = request.app.state.engine
+    async with engine.connect() as connection:
+        reader = _sync_reader(request)
+        if reader is None:
+            yield connection, connection
+            return
+        try:
+            yield connection, reader
+        finally:
+            reader.close()
+
+
 async def get_reader(request: Request) -> AsyncIterator[Reader]:
     """reading(), as a dependency."""
     async with reading(request) as reader:

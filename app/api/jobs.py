@@ -10,7 +10,6 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BeforeValidator, Field, StringConstraints, TypeAdapter, ValidationError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import store
 from app.api.deps import (
@@ -22,6 +21,7 @@ from app.api.deps import (
     SettingsDep,
     read_principal,
     reading,
+    writing,
 )
 from app.auth import owner_filter, owner_of_new_jobs
 from app.db import Reader
@@ -362,36 +362,38 @@ async def submit_job(job_in: JobCreate, request: Request) -> Response:
     settings: Settings = request.app.state.settings
     pool: WorkerPool | None = request.app.state.pool
     check_caps(job_in, settings)
-    async with reading(request) as reader:
-        principal = await read_principal(request, reader)
-        owner = owner_of_new_jobs(principal)
-        owner_max_queued = None if principal is None else principal.max_queued
-        job: Job | dict[str, Any]
-        if idempotency_key is None:
-            job = await store.submit_job(
+    job: Job | dict[str, Any]
+    if idempotency_key is None:
+        async with reading(request) as reader:
+            principal = await read_principal(request, reader)
+            job, committed = await store.queue_job(
                 writer=request.app.state.submissions,
                 reader=reader,
                 room=request.app.state.queue_room,
                 job_in=job_in,
                 settings=settings,
-                owner=owner,
-                owner_max_queued=owner_max_queued,
+                owner=owner_of_new_jobs(principal),
+                owner_max_queued=None if principal is None else principal.max_queued,
             )
-            job_id = job["id"]
-            created = True
-        else:
-            engine: AsyncEngine = request.app.state.engine
-            async with engine.connect() as connection:
-                job, created = await store.create_job(
-                    session=connection,
-                    reader=reader,
-                    job_in=job_in,
-                    settings=settings,
-                    idempotency_key=idempotency_key,
-                    owner=owner,
-                    owner_max_queued=owner_max_queued,
-                )
-            job_id = job.id
+        # The group's commit is awaited with the reader given back: on PostgreSQL the
+        # reader is a pooled connection, and the group's writer needs one of the same pool.
+        await committed
+        job_id = job["id"]
+        created = True
+    else:
+        # One pooled connection for the whole request (see writing()).
+        async with writing(request) as (connection, reader):
+            principal = await read_principal(request, reader)
+            job, created = await store.create_job(
+                session=connection,
+                reader=reader,
+                job_in=job_in,
+                settings=settings,
+                idempotency_key=idempotency_key,
+                owner=owner_of_new_jobs(principal),
+                owner_max_queued=None if principal is None else principal.max_queued,
+            )
+        job_id = job.id
     headers = {"Location": _location(request, job_id)}
     if created:
         metrics: Metrics = request.app.state.metrics

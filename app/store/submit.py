@@ -106,14 +106,19 @@ class SubmissionWriter:
         """Rows added and not committed yet (nor failed)."""
         return len(self._pending) + self._group_size
 
-    async def add(self, row: dict[str, Any]) -> None:
+    def enqueue(self, row: dict[str, Any]) -> "asyncio.Future[None]":
+        """Add a row to the next group (counted in `in_flight` from now on); the future is
+        done once it is committed, or failed with its group's error."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((row, future))
         if self._writing is None or self._writing.done():
             self._writing = asyncio.create_task(self._write(), name="jobdock-submissions")
-        # A request cancelled meanwhile still has its row written (like a commit whose
-        # answer was lost); only its answer is dropped.
-        await future
+        return future
+
+    async def add(self, row: dict[str, Any]) -> None:
+        """enqueue() and wait for the commit. A request cancelled meanwhile still has its
+        row written (like a commit whose answer was lost); only its answer is dropped."""
+        await self.enqueue(row)
 
     async def _write(self) -> None:
         while self._pending:
@@ -139,6 +144,27 @@ class SubmissionWriter:
             await asyncio.wait([self._writing])
 
 
+async def queue_job(
+    *,
+    writer: SubmissionWriter,
+    reader: Reader,
+    room: QueueRoom,
+    job_in: JobCreate,
+    settings: Settings,
+    owner: uuid.UUID | None = None,
+    owner_max_queued: int | None = None,
+) -> tuple[dict[str, Any], "asyncio.Future[None]"]:
+    """Queue a job without an Idempotency-Key (for one, see create_job): the key's quota
+    and the queue cap read on `reader`, the row handed to `writer` for its next group.
+    Returns the new job's row (every column) and the future of its commit, to be awaited
+    once `reader` is given back (a pooled connection must not be held while waiting for
+    the writer, which takes one from the same pool)."""
+    await _check_owner_quota(reader, settings, owner, owner_max_queued, 1)
+    await room.take(reader, settings, 1)
+    row = _new_job(job_in, settings, owner)
+    return row, writer.enqueue(row)
+
+
 async def submit_job(
     *,
     writer: SubmissionWriter,
@@ -149,11 +175,17 @@ async def submit_job(
     owner: uuid.UUID | None = None,
     owner_max_queued: int | None = None,
 ) -> dict[str, Any]:
-    """Queue a job without an Idempotency-Key (for one, see create_job): the key's quota
-    and the queue cap read on `reader`, the row written by `writer` with others. The new
-    job's row (every column) is returned: a Job built of it would only be read back."""
-    await _check_owner_quota(reader, settings, owner, owner_max_queued, 1)
-    await room.take(reader, settings, 1)
-    row = _new_job(job_in, settings, owner)
-    await writer.add(row)
+    """queue_job, and its commit awaited: the new job's row. (With a reader that is a
+    pooled connection of the writer's engine, call queue_job and await the commit after
+    giving the reader back.)"""
+    row, committed = await queue_job(
+        writer=writer,
+        reader=reader,
+        room=room,
+        job_in=job_in,
+        settings=settings,
+        owner=owner,
+        owner_max_queued=owner_max_queued,
+    )
+    await committed
     return row
