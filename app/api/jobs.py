@@ -24,7 +24,6 @@ from app.api.deps import (
     writing,
 )
 from app.auth import owner_filter, owner_of_new_jobs
-from app.db import Reader
 from app.events import JobEvents, wait_for_change
 from app.metrics import Metrics
 from app.models import (
@@ -308,24 +307,28 @@ async def get_job(request: Request) -> Response:
     wait = _wait_seconds(request)
     async with reading(request) as connection:
         principal = await read_principal(request, connection)
-        return await _read_or_wait(request, connection, job_id, owner_filter(principal), wait)
+        owner = owner_filter(principal)
+        uuid_ = store.parse_job_id(job_id)
+        if not wait:
+            job = await store.read_job(session=connection, job_id=uuid_, owner=owner)
+            return _job_response(job)
+    return await _wait_for_job(request, uuid_, owner, wait)
 
 
-async def _read_or_wait(
-    request: Request, connection: Reader, job_id: str, owner: uuid.UUID | None, wait: float | None
+async def _wait_for_job(
+    request: Request, uuid_: uuid.UUID, owner: uuid.UUID | None, wait: float
 ) -> Response:
-    uuid_ = store.parse_job_id(job_id)
-    if not wait:
-        return _job_response(await store.read_job(session=connection, job_id=uuid_, owner=owner))
     settings: Settings = request.app.state.settings
     events: JobEvents = request.app.state.events
     deadline = asyncio.get_running_loop().time() + min(wait, settings.wait_max_seconds)
     with events.subscribe(uuid_) as changed:
         while True:
             changed.clear()
-            # Each read stands alone (no transaction is kept: see get_reader), so the next
-            # one sees later commits.
-            job = await store.read_job(session=connection, job_id=uuid_, owner=owner)
+            # A reader for each read, none held while waiting: on PostgreSQL it is a pooled
+            # connection, and a hundred waiters would hold the pool that the workers and
+            # every other request need. Each read sees the commits made before it.
+            async with reading(request) as connection:
+                job = await store.read_job(session=connection, job_id=uuid_, owner=owner)
             remaining = deadline - asyncio.get_running_loop().time()
             if JobState(job["state"]).is_terminal or remaining <= 0:
                 return _job_response(job)

@@ -7,8 +7,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.support.service import Service
@@ -416,3 +418,32 @@ async def test_wait_works_across_processes_on_postgresql(
     finally:
         await worker.close()
         await api.close()
+
+
+async def test_many_waiters_leave_the_database_pool_to_other_requests(tmp_path: Path) -> None:
+    """More callers waiting on `?wait=` than the service has pooled connections (60): a
+    waiter holds none while it waits, so a submission and a read still answer at once (on
+    PostgreSQL they would otherwise wait for the waiters, or for the pool's 30 s timeout)."""
+    async with Service(tmp_path, workers=0, wait_max_seconds=8) as svc:
+        submitted = await svc.submit(**job())
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=svc.url, timeout=30, limits=limits) as client:
+
+            async def wait_on_it() -> int:
+                response = await client.get(f"/jobs/{submitted['id']}", params={"wait": 8})
+                return response.status_code
+
+            waiters = [asyncio.create_task(wait_on_it()) for _ in range(80)]
+            await asyncio.sleep(1.5)  # all of them waiting by now
+            assert not any(waiter.done() for waiter in waiters)
+
+            async def other_requests() -> None:
+                posted = await client.post("/jobs", json=job())
+                assert posted.status_code == 202, posted.text
+                got = await client.get(f"/jobs/{posted.json()['id']}")
+                assert got.status_code == 200, got.text
+
+            # Well inside the 8 s the waiters hold on.
+            await asyncio.wait_for(other_requests(), 4)
+            assert not any(waiter.done() for waiter in waiters)
+            assert await asyncio.gather(*waiters) == [200] * 80
