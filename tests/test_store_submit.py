@@ -78,6 +78,16 @@ async def queued_count(db_engine: AsyncEngine) -> int:
         return int(found.scalar_one())
 
 
+async def submit(
+    *, writer: store.SubmissionWriter, reader: Any, room: store.QueueRoom, **fields: Any
+) -> dict[str, Any]:
+    """store.queue_job, then its commit (the reader fixture is no pooled connection of the
+    writer's engine, so it may be held meanwhile): the new job's row."""
+    row, committed = await store.queue_job(writer=writer, reader=reader, room=room, **fields)
+    await committed
+    return row
+
+
 async def test_concurrent_submissions_share_a_few_inserts_and_all_are_stored(
     db_engine: AsyncEngine, settings: Settings, reader: Any, inserts: list[int]
 ) -> None:
@@ -85,9 +95,7 @@ async def test_concurrent_submissions_share_a_few_inserts_and_all_are_stored(
     room = store.QueueRoom()
     jobs = await asyncio.gather(
         *(
-            store.submit_job(
-                writer=writer, reader=reader, room=room, job_in=JOB_IN, settings=settings
-            )
+            submit(writer=writer, reader=reader, room=room, job_in=JOB_IN, settings=settings)
             for _ in range(50)
         )
     )
@@ -116,7 +124,7 @@ async def test_more_submitters_than_pooled_connections_each_reading_on_one(
     room = store.QueueRoom(pending=lambda: writer.in_flight)
     submitters = POOL_SIZE + POOL_MAX_OVERFLOW + 10
 
-    async def submit() -> dict[str, Any]:
+    async def submit_on_a_pooled_connection() -> dict[str, Any]:
         async with db_engine.connect() as reader:
             row, committed = await store.queue_job(
                 writer=writer, reader=reader, room=room, job_in=JOB_IN, settings=settings
@@ -125,7 +133,9 @@ async def test_more_submitters_than_pooled_connections_each_reading_on_one(
         return row
 
     # Far longer than the grouped commits take, far shorter than the pool's 30 s timeout.
-    rows = await asyncio.wait_for(asyncio.gather(*(submit() for _ in range(submitters))), 20)
+    rows = await asyncio.wait_for(
+        asyncio.gather(*(submit_on_a_pooled_connection() for _ in range(submitters))), 20
+    )
     await writer.close()
     assert len({row["id"] for row in rows}) == submitters
     assert await queued_count(db_engine) == submitters
@@ -144,7 +154,7 @@ async def test_a_failed_group_fails_each_of_its_submissions(
     assert all(isinstance(outcome, Exception) for outcome in outcomes), outcomes
     assert await queued_count(db_engine) == 1  # only the job that was there before
     # The writer goes on with the next group.
-    job = await store.submit_job(
+    job = await submit(
         writer=writer, reader=reader, room=store.QueueRoom(), job_in=JOB_IN, settings=settings
     )
     assert (await store.read_job(session=reader, job_id=job["id"]))["state"] == JobState.queued
@@ -158,26 +168,24 @@ async def test_the_queue_cap_holds_exactly_for_one_process(
     # A clock that never moves: no refresh by time, only the count-down and the re-probe.
     room = store.QueueRoom(clock=lambda: 0.0, pending=lambda: writer.in_flight)
 
-    async def submit() -> dict[str, Any]:
-        return await store.submit_job(
-            writer=writer, reader=reader, room=room, job_in=JOB_IN, settings=capped
-        )
+    async def submit_one() -> dict[str, Any]:
+        return await submit(writer=writer, reader=reader, room=room, job_in=JOB_IN, settings=capped)
 
     # Eight at once: the re-probes of the last three count the five not committed yet.
-    outcomes = await asyncio.gather(*(submit() for _ in range(8)), return_exceptions=True)
+    outcomes = await asyncio.gather(*(submit_one() for _ in range(8)), return_exceptions=True)
     assert sum(isinstance(outcome, dict) for outcome in outcomes) == 5, outcomes
     assert sum(isinstance(outcome, QueueFull) for outcome in outcomes) == 3, outcomes
     assert await queued_count(db_engine) == 5
     with pytest.raises(QueueFull) as refused:
-        await submit()
+        await submit_one()
     assert refused.value.retry_after_seconds == capped.queue_full_retry_after_seconds
     assert "5 jobs are waiting" in str(refused.value)
     # One job leaves the queue: the refusal's re-probe sees the room at once.
     async with create_session_factory(db_engine)() as session:
         await store.cancel_job(session=session, job_id=(await submit_ids(db_engine))[0])
-    await submit()
+    await submit_one()
     with pytest.raises(QueueFull):
-        await submit()
+        await submit_one()
     await writer.close()
     assert await queued_count(db_engine) == 5
 

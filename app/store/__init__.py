@@ -12,4 +12,3 @@ from app.store.stats import count_jobs as count_jobs
 from app.store.submit import QueueRoom as QueueRoom
 from app.store.submit import SubmissionWriter as SubmissionWriter
 from app.store.submit import queue_job as queue_job
-from app.store.submit import submit_job as submit_job

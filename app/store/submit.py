@@ -163,29 +163,3 @@ async def queue_job(
     await room.take(reader, settings, 1)
     row = _new_job(job_in, settings, owner)
     return row, writer.enqueue(row)
-
-
-async def submit_job(
-    *,
-    writer: SubmissionWriter,
-    reader: Reader,
-    room: QueueRoom,
-    job_in: JobCreate,
-    settings: Settings,
-    owner: uuid.UUID | None = None,
-    owner_max_queued: int | None = None,
-) -> dict[str, Any]:
-    """queue_job, and its commit awaited: the new job's row. (With a reader that is a
-    pooled connection of the writer's engine, call queue_job and await the commit after
-    giving the reader back.)"""
-    row, committed = await queue_job(
-        writer=writer,
-        reader=reader,
-        room=room,
-        job_in=job_in,
-        settings=settings,
-        owner=owner,
-        owner_max_queued=owner_max_queued,
-    )
-    await committed
-    return row
