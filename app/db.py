@@ -310,8 +310,8 @@ def create_read_engine(database_url: str) -> Engine | None:
         connect_args={"timeout": SQLITE_READER_BUSY_TIMEOUT_SECONDS},
         json_deserializer=json_deserializer,
         pool_size=POOL_SIZE,
-        # No limit: a checkout that waited would block the event loop (a GET with `wait`
-        # holds its reader while it waits). Connections past pool_size close on return.
+        # No limit: a checkout that waited would block the event loop. Connections past
+        # pool_size close on return.
         max_overflow=-1,
     )
 

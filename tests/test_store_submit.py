@@ -149,7 +149,7 @@ async def test_a_failed_group_fails_each_of_its_submissions(
     await add_job(create_session_factory(db_engine), id=taken)
     rows = [store.jobs._new_job(JOB_IN, settings) for _ in range(3)]
     rows[1]["id"] = taken  # the primary key is taken: the whole group's INSERT fails
-    outcomes = await asyncio.gather(*(writer.add(row) for row in rows), return_exceptions=True)
+    outcomes = await asyncio.gather(*(writer.enqueue(row) for row in rows), return_exceptions=True)
     await writer.close()
     assert all(isinstance(outcome, Exception) for outcome in outcomes), outcomes
     assert await queued_count(db_engine) == 1  # only the job that was there before

@@ -21,14 +21,6 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-async def get_connection(request: Request) -> AsyncIterator[AsyncConnection]:
-    """A connection of its own for a request that needs no ORM session: the cheapest read
-    or write. The caller commits what it writes; the rest is rolled back."""
-    engine: AsyncEngine = request.app.state.engine
-    async with engine.connect() as connection:
-        yield connection
-
-
 def _sync_reader(request: Request) -> SyncReader | None:
     """On SQLite, a SyncReader on the app's read engine and its open raw connection."""
     read_engine: Engine | None = request.app.state.read_engine
@@ -59,9 +51,11 @@ async def reading(request: Request) -> AsyncIterator[Reader]:
 
 @asynccontextmanager
 async def writing(request: Request) -> AsyncIterator[tuple[AsyncConnection, Reader]]:
-    """A connection to write on, and what to read on before the first write (see
-    get_write_reader): on SQLite a SyncReader, elsewhere that same connection, so that a
-    request never holds one pooled connection while it waits for a second."""
+    """A connection of its own to write on (the caller commits what it writes; the rest is
+    rolled back), and what to read on before the first write: on SQLite a SyncReader
+    (reads outside the write transaction, as SQLite's reads before a transaction's first
+    write always were), elsewhere that same connection, so that a request never holds one
+    pooled connection while it waits for a second."""
     engine: AsyncEngine = request.app.state.engine
     async with engine.connect() as connection:
         reader = _sync_reader(request)
@@ -136,32 +130,6 @@ async def get_principal(
     return await _principal(session, credentials)
 
 
-async def get_write_reader(
-    request: Request, connection: Annotated[AsyncConnection, Depends(get_connection)]
-) -> AsyncIterator[Reader]:
-    """Where a request that writes on its connection (get_connection) reads before it
-    writes: on SQLite, a SyncReader (see get_reader; reads outside the write transaction,
-    as SQLite's reads before a transaction's first write always were); elsewhere, that
-    connection itself."""
-    reader = _sync_reader(request)
-    if reader is None:
-        yield connection
-        return
-    try:
-        yield reader
-    finally:
-        reader.close()
-
-
-async def get_writer_principal(
-    reader: Annotated[Reader, Depends(get_write_reader)],
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> Principal | None:
-    """get_principal, for a request that writes on its own connection (see
-    get_write_reader)."""
-    return await _principal(reader, credentials)
-
-
 async def get_reader_principal(
     connection: Annotated[Reader, Depends(get_reader)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
@@ -183,9 +151,6 @@ BEARER_SECURITY: dict[str, Any] = {"security": [{"HTTPBearer": []}]}
 
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 PrincipalDep = Annotated[Principal | None, Depends(get_principal)]
-ConnectionDep = Annotated[AsyncConnection, Depends(get_connection)]
-WriteReaderDep = Annotated[Reader, Depends(get_write_reader)]
-WriterPrincipalDep = Annotated[Principal | None, Depends(get_writer_principal)]
 ReaderDep = Annotated[Reader, Depends(get_reader)]
 ReaderPrincipalDep = Annotated[Principal | None, Depends(get_reader_principal)]
 SessionFactoryDep = Annotated[SessionFactory, Depends(get_session_factory)]

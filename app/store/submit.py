@@ -89,8 +89,9 @@ class QueueRoom:
 
 
 class SubmissionWriter:
-    """Group commit of new jobs: `add()` returns once its row is committed, in one INSERT
-    and one commit with every row added while the previous group was being written.
+    """Group commit of new jobs: `enqueue()`'s future is done once its row is committed, in
+    one INSERT and one commit with every row added while the previous group was being
+    written.
 
     Under load this is the difference between one write transaction per request, each
     holding SQLite's single writer across event-loop turns, and one per group."""
@@ -108,17 +109,14 @@ class SubmissionWriter:
 
     def enqueue(self, row: dict[str, Any]) -> "asyncio.Future[None]":
         """Add a row to the next group (counted in `in_flight` from now on); the future is
-        done once it is committed, or failed with its group's error."""
+        done once it is committed, or failed with its group's error. A request cancelled
+        while it awaits the future still has its row written (like a commit whose answer
+        was lost); only its answer is dropped."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((row, future))
         if self._writing is None or self._writing.done():
             self._writing = asyncio.create_task(self._write(), name="jobdock-submissions")
         return future
-
-    async def add(self, row: dict[str, Any]) -> None:
-        """enqueue() and wait for the commit. A request cancelled meanwhile still has its
-        row written (like a commit whose answer was lost); only its answer is dropped."""
-        await self.enqueue(row)
 
     async def _write(self) -> None:
         while self._pending:
