@@ -1,11 +1,12 @@
 """The fast paths of submission and reading on a real database: grouped commits
 (app.store.submit.SubmissionWriter), the queue cap counted down (QueueRoom), and the
-prepared reads of a SyncReader (app.db.PreparedRead), which must read exactly what
-SQLAlchemy reads."""
+prepared reads of a SyncReader (app.db.PreparedRead) and prepared inserts
+(app.db.PreparedInsert), which must read and store exactly what SQLAlchemy does."""
 
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from app.db import (
     create_session_factory,
 )
 from app.errors import JobNotFound, QueueFull
-from app.models import Job, JobCreate, JobResult, JobState
+from app.models import CallbackState, Job, JobCreate, JobResult, JobState
 from app.settings import Settings
 from app.store import keys as key_store
 from tests.test_store import add_job, claimed, finish
@@ -257,3 +258,49 @@ async def test_prepared_reads_read_what_sqlalchemy_reads(
         assert found == await key_store.find_active_key(session=connection, key_hash="ab" * 32)
     assert found is not None and found["id"] == key.id and found["max_queued"] == 7
     assert await key_store.find_active_key(session=reader, key_hash="cd" * 32) is None
+
+
+async def test_prepared_inserts_store_what_sqlalchemy_stores(
+    db_engine: AsyncEngine, settings: Settings
+) -> None:
+    """_add_jobs on SQLite converts a row's parameters itself (app.db.PreparedInsert): what it
+    stores must be, column for column, what SQLAlchemy's INSERT stores."""
+    if db_engine.dialect.name != "sqlite":
+        pytest.skip("prepared inserts are SQLite's")
+    plain = store.jobs._new_job(JOB_IN, settings)
+    varied = store.jobs._new_job(
+        JobCreate(
+            image="busybox",
+            command=["sh", "-c", "echo 'é' \"q\" \\ \U0001f600"],
+            env={"A": "1", "B": "é"},
+            labels={"team": "ml"},
+            retry_on_exit_codes=[75, 1],
+            callback_url="https://example.com/hook",
+            stdin="input\n",
+            cpus=0.25,
+        ),
+        settings,
+        owner=uuid.uuid4(),
+    )
+    # An instant with no microseconds, in another zone; a state and a callback state.
+    varied["run_after"] = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=2)))
+    varied["callback_state"] = CallbackState.pending
+    rows = [plain, varied]
+    twins = [{**row, "id": uuid.uuid4()} for row in rows]
+    async with db_engine.connect() as connection:
+        await store.jobs._add_jobs(connection, rows)
+        await connection.execute(JOBS.insert(), twins)
+        await connection.commit()
+        stored = {
+            row[0]: row[1:]
+            for row in await connection.exec_driver_sql(
+                f"SELECT id, {', '.join(c.name for c in JOBS.columns if c.name != 'id')} FROM jobs"
+            )
+        }
+    for row, twin in zip(rows, twins, strict=True):
+        ours, theirs = stored[row["id"].hex], stored[twin["id"].hex]
+        assert ours == theirs
+    assert stored[varied["id"].hex] != stored[plain["id"].hex]
+    with pytest.raises(ValueError, match="without the columns"):
+        async with db_engine.connect() as connection:
+            await store.jobs._add_jobs(connection, [{k: v for k, v in plain.items() if k != "env"}])

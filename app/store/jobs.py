@@ -39,6 +39,7 @@ from app.db import (
     COMMITS_WITH_STATEMENT,
     JOB_EVENTS_CHANNEL,
     SUBMISSIONS_CHANNEL,
+    PreparedInsert,
     PreparedRead,
     Reader,
     SyncReader,
@@ -194,18 +195,23 @@ def _scoped_key(owner: uuid.UUID | None, key: str) -> str:
 async def _add_jobs(
     session: AsyncSession | AsyncConnection, jobs: Sequence[dict[str, Any]]
 ) -> None:
-    """Insert the rows (one Core INSERT, no unit of work) and commit."""
-    postgresql = _executes_on_postgresql(session)
-    await session.execute(
-        _INSERT_JOB,
-        list(jobs) if len(jobs) > 1 else jobs[0],
-        execution_options=EMPTY if postgresql else COMMITS_WITH_STATEMENT,
-    )
-    if postgresql:
-        # Delivered on commit: idle workers in other processes look for work at once.
-        await session.execute(
-            _notify_statement(), {"notify_channel": SUBMISSIONS_CHANNEL, "notify_payload": ""}
+    """Insert the rows (one Core INSERT, no unit of work) and commit. Each row has every
+    column (see _new_job); on SQLite its parameters are converted without SQLAlchemy's
+    execution context (see PreparedInsert)."""
+    if not _executes_on_postgresql(session):
+        connection = session if isinstance(session, AsyncConnection) else await session.connection()
+        await connection.exec_driver_sql(
+            _PREPARED_INSERT_JOB.sql(connection.dialect),
+            _PREPARED_INSERT_JOB.rows(connection.dialect, jobs),
+            execution_options=COMMITS_WITH_STATEMENT,
         )
+        await session.commit()
+        return
+    await session.execute(_INSERT_JOB, list(jobs) if len(jobs) > 1 else jobs[0])
+    # Delivered on commit: idle workers in other processes look for work at once.
+    await session.execute(
+        _notify_statement(), {"notify_channel": SUBMISSIONS_CHANNEL, "notify_payload": ""}
+    )
     await session.commit()
 
 
@@ -1014,6 +1020,8 @@ _PREPARED_READS = {statement: PreparedRead(statement) for statement in (_READ_JO
 
 
 _INSERT_JOB = insert(JOBS)
+# The same on SQLite, for whole rows (see _add_jobs).
+_PREPARED_INSERT_JOB = PreparedInsert(_INSERT_JOB)
 
 
 def _queued(by_owner: bool) -> Any:
