@@ -12,6 +12,7 @@ from app import __version__, store
 from app.api import health, jobs, logs, stats
 from app.api import ui as dashboard
 from app.api.errors import install_error_handlers
+from app.api.hot import HotRoutes
 from app.api.limits import install_request_limits
 from app.auth import warn_if_exposed
 from app.db import (
@@ -118,6 +119,9 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True) ->
     app.include_router(stats.router)
     app.include_router(dashboard.router)
 
+    # Innermost of the app's own middleware: it answers the plain GET /jobs/{id} and POST
+    # /jobs ahead of the router, and hands the router everything else.
+    app.add_middleware(HotRoutes, router=jobs.router)
     install_error_handlers(app)
     install_request_limits(app, max_body_bytes=settings.max_request_bytes)
     # Outermost of the app's own middleware: it also times what the limits refuse.

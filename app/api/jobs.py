@@ -305,14 +305,21 @@ async def get_job(request: Request) -> Response:
     # parameters and dependencies (see _wait_seconds and read_principal).
     job_id: str = request.path_params["job_id"]
     wait = _wait_seconds(request)
+    if not wait:
+        return await read_job(request, job_id)
+    async with reading(request) as connection:
+        owner = owner_filter(await read_principal(request, connection))
+    return await _wait_for_job(request, store.parse_job_id(job_id), owner, wait)
+
+
+async def read_job(request: Request, job_id: str) -> Response:
+    """GET /jobs/{id} without `wait` (also app.api.hot's)."""
     async with reading(request) as connection:
         principal = await read_principal(request, connection)
-        owner = owner_filter(principal)
-        uuid_ = store.parse_job_id(job_id)
-        if not wait:
-            job = await store.read_job(session=connection, job_id=uuid_, owner=owner)
-            return _job_response(job)
-    return await _wait_for_job(request, uuid_, owner, wait)
+        job = await store.read_job(
+            session=connection, job_id=store.parse_job_id(job_id), owner=owner_filter(principal)
+        )
+    return _job_response(job)
 
 
 async def _wait_for_job(
@@ -362,50 +369,68 @@ async def submit_job(job_in: JobCreate, request: Request) -> Response:
     idempotency_key = _optional_parameter(
         request.headers.get("idempotency-key"), _IDEMPOTENCY_KEY, ("header", "Idempotency-Key")
     )
-    settings: Settings = request.app.state.settings
-    pool: WorkerPool | None = request.app.state.pool
-    check_caps(job_in, settings)
-    job: Job | dict[str, Any]
     if idempotency_key is None:
-        async with reading(request) as reader:
-            principal = await read_principal(request, reader)
-            job, committed = await store.queue_job(
-                writer=request.app.state.submissions,
-                reader=reader,
-                room=request.app.state.queue_room,
-                job_in=job_in,
-                settings=settings,
-                owner=owner_of_new_jobs(principal),
-                owner_max_queued=None if principal is None else principal.max_queued,
-            )
-        # The group's commit is awaited with the reader given back: on PostgreSQL the
-        # reader is a pooled connection, and the group's writer needs one of the same pool.
-        await committed
-        job_id = job["id"]
-        created = True
-    else:
-        # One pooled connection for the whole request (see writing()).
-        async with writing(request) as (connection, reader):
-            principal = await read_principal(request, reader)
-            job, created = await store.create_job(
-                session=connection,
-                reader=reader,
-                job_in=job_in,
-                settings=settings,
-                idempotency_key=idempotency_key,
-                owner=owner_of_new_jobs(principal),
-                owner_max_queued=None if principal is None else principal.max_queued,
-            )
-        job_id = job.id
-    headers = {"Location": _location(request, job_id)}
+        job, committed = await queue_job(request, job_in)
+        return await queued(request, job, committed)
+    settings: Settings = request.app.state.settings
+    check_caps(job_in, settings)
+    # One pooled connection for the whole request (see writing()).
+    async with writing(request) as (connection, reader):
+        principal = await read_principal(request, reader)
+        found, created = await store.create_job(
+            session=connection,
+            reader=reader,
+            job_in=job_in,
+            settings=settings,
+            idempotency_key=idempotency_key,
+            owner=owner_of_new_jobs(principal),
+            owner_max_queued=None if principal is None else principal.max_queued,
+        )
+    headers = {"Location": _location(request, found.id)}
     if created:
-        metrics: Metrics = request.app.state.metrics
-        metrics.job_submitted()
-        if pool is not None:
-            pool.wake()
-        return _job_response(job, status.HTTP_202_ACCEPTED, headers)
+        return _submitted(request, found, headers)
     headers["Idempotent-Replayed"] = "true"
-    return _job_response(job, status.HTTP_200_OK, headers)
+    return _job_response(found, status.HTTP_200_OK, headers)
+
+
+async def queue_job(
+    request: Request, job_in: JobCreate
+) -> tuple[dict[str, Any], "asyncio.Future[None]"]:
+    """POST /jobs without an Idempotency-Key, up to the job handed to the group writer: its
+    row and the future of its commit (see queued()). What it raises, it raises before
+    anything is written."""
+    settings: Settings = request.app.state.settings
+    check_caps(job_in, settings)
+    async with reading(request) as reader:
+        principal = await read_principal(request, reader)
+        return await store.queue_job(
+            writer=request.app.state.submissions,
+            reader=reader,
+            room=request.app.state.queue_room,
+            job_in=job_in,
+            settings=settings,
+            owner=owner_of_new_jobs(principal),
+            owner_max_queued=None if principal is None else principal.max_queued,
+        )
+
+
+async def queued(
+    request: Request, job: dict[str, Any], committed: "asyncio.Future[None]"
+) -> Response:
+    """The 202 of a job from queue_job(), once its group is committed. Awaited with the
+    reader given back: on PostgreSQL the reader is a pooled connection, and the group's
+    writer needs one of the same pool."""
+    await committed
+    return _submitted(request, job, {"Location": _location(request, job["id"])})
+
+
+def _submitted(request: Request, job: Job | dict[str, Any], headers: dict[str, str]) -> Response:
+    metrics: Metrics = request.app.state.metrics
+    metrics.job_submitted()
+    pool: WorkerPool | None = request.app.state.pool
+    if pool is not None:
+        pool.wake()
+    return _job_response(job, status.HTTP_202_ACCEPTED, headers)
 
 
 @router.post(
