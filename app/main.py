@@ -17,6 +17,7 @@ from app.api.limits import install_request_limits
 from app.auth import warn_if_exposed
 from app.db import (
     JOB_EVENTS_CHANNEL,
+    SyncWriter,
     create_engine,
     create_read_engine,
     create_session_factory,
@@ -86,7 +87,11 @@ def create_app(settings: Settings | None = None, *, run_workers: bool = True) ->
             app.state.read_engine = read_engine
             app.state.session_factory = session_factory
             # POST /jobs: new jobs written in groups, and the queue cap counted down.
-            submissions = store.SubmissionWriter(engine)
+            sync_writer = None
+            if read_engine is not None:  # a SQLite file
+                sync_writer = SyncWriter(engine)
+                stack.push_async_callback(sync_writer.close)
+            submissions = store.SubmissionWriter(engine, sync_writer)
             stack.push_async_callback(submissions.close)
             app.state.submissions = submissions
             app.state.queue_room = store.QueueRoom(pending=lambda: submissions.in_flight)

@@ -1,9 +1,11 @@
 """The fast paths of submission and reading on a real database: grouped commits
 (app.store.submit.SubmissionWriter), the queue cap counted down (QueueRoom), and the
 prepared reads of a SyncReader (app.db.PreparedRead) and prepared inserts
-(app.db.PreparedInsert), which must read and store exactly what SQLAlchemy does."""
+(app.db.PreparedInsert), which must read and store exactly what SQLAlchemy does, and the
+groups written on the event loop's thread (app.db.SyncWriter)."""
 
 import asyncio
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta, timezone
@@ -13,11 +15,13 @@ import pytest
 from sqlalchemy import Engine, event, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app import db as app_db
 from app import store
 from app.db import (
     POOL_MAX_OVERFLOW,
     POOL_SIZE,
     SyncReader,
+    SyncWriter,
     create_read_engine,
     create_session_factory,
 )
@@ -304,3 +308,126 @@ async def test_prepared_inserts_store_what_sqlalchemy_stores(
     with pytest.raises(ValueError, match="without the columns"):
         async with db_engine.connect() as connection:
             await store.jobs._add_jobs(connection, [{k: v for k, v in plain.items() if k != "env"}])
+
+
+@pytest.fixture
+async def sync_writer(db_engine: AsyncEngine) -> AsyncIterator[SyncWriter]:
+    if db_engine.dialect.name != "sqlite":
+        pytest.skip("a SyncWriter writes to a SQLite file")
+    writer = SyncWriter(db_engine)
+    yield writer
+    await writer.close()
+
+
+async def test_groups_written_on_the_loop_are_stored_and_read_back(
+    db_engine: AsyncEngine,
+    settings: Settings,
+    reader: Any,
+    sync_writer: SyncWriter,
+    inserts: list[int],
+) -> None:
+    writer = store.SubmissionWriter(db_engine, sync_writer)
+    room = store.QueueRoom()
+    jobs = await asyncio.gather(
+        *(
+            submit(writer=writer, reader=reader, room=room, job_in=JOB_IN, settings=settings)
+            for _ in range(40)
+        )
+    )
+    await writer.close()
+    assert await queued_count(db_engine) == 40
+    assert inserts == []  # none through aiosqlite
+    async with db_engine.connect() as connection:
+        for job in jobs:
+            # Read back by SQLAlchemy as by the prepared read: the row as it was queued.
+            stored = await store.read_job(session=connection, job_id=job["id"])
+            assert stored == await store.read_job(session=reader, job_id=job["id"])
+            assert stored["state"] == JobState.queued and stored["command"] == ["echo", "hi"]
+            assert stored["created_at"] == job["created_at"]
+
+
+async def test_the_loop_writer_waits_for_this_process_s_writers(
+    db_engine: AsyncEngine, settings: Settings, sync_writer: SyncWriter, inserts: list[int]
+) -> None:
+    """A write transaction of this process (a worker's claim, say) holds the process's write
+    lock: the group waits for its commit, then is written (no busy error, no loss)."""
+    sessions = create_session_factory(db_engine)
+    job = await add_job(sessions)
+    writer = store.SubmissionWriter(db_engine, sync_writer)
+    async with sessions() as session:
+        await session.execute(JOBS.update().where(JOBS.c.id == job.id).values(priority=5))
+        committed = writer.enqueue(store.jobs._new_job(JOB_IN, settings))
+        await asyncio.sleep(0.2)
+        assert not committed.done()  # waiting for the lock this transaction holds
+        await session.commit()
+    await asyncio.wait_for(committed, 5)
+    await writer.close()
+    assert await queued_count(db_engine) == 2
+    assert inserts == [1]  # add_job's own; the group went in on the loop, after the commit
+
+
+async def test_another_process_s_writer_never_blocks_the_loop(
+    db_engine: AsyncEngine, settings: Settings, sync_writer: SyncWriter, inserts: list[int]
+) -> None:
+    """Another process holds SQLite's write lock: the loop writer gives up at once and the
+    group is written through aiosqlite, which waits off the loop for the lock."""
+    other = sqlite3.connect(str(db_engine.url.database), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    writer = store.SubmissionWriter(db_engine, sync_writer)
+    committed = writer.enqueue(store.jobs._new_job(JOB_IN, settings))
+    # The loop keeps turning meanwhile (SQLite's busy handler would hold it for seconds).
+    loop = asyncio.get_running_loop()
+    gaps = []
+    for _ in range(20):
+        began = loop.time()
+        await asyncio.sleep(0.01)
+        gaps.append(loop.time() - began)
+    assert max(gaps) < 1.0 and not committed.done(), gaps
+    other.execute("COMMIT")
+    other.close()
+    await asyncio.wait_for(committed, 10)
+    await writer.close()
+    assert await queued_count(db_engine) == 1
+    assert inserts == [1]  # through aiosqlite
+
+
+async def test_a_failed_loop_group_writes_nothing_and_the_next_goes_in(
+    db_engine: AsyncEngine, settings: Settings, sync_writer: SyncWriter
+) -> None:
+    taken = uuid.uuid4()
+    await add_job(create_session_factory(db_engine), id=taken)
+    writer = store.SubmissionWriter(db_engine, sync_writer)
+    rows = [store.jobs._new_job(JOB_IN, settings) for _ in range(3)]
+    rows[2]["id"] = taken
+    outcomes = await asyncio.gather(*(writer.enqueue(row) for row in rows), return_exceptions=True)
+    assert all(isinstance(outcome, sqlite3.IntegrityError) for outcome in outcomes), outcomes
+    assert await queued_count(db_engine) == 1
+    await writer.enqueue(store.jobs._new_job(JOB_IN, settings))
+    await writer.close()
+    assert await queued_count(db_engine) == 2
+
+
+async def test_the_loop_writer_has_the_wal_checkpointed_off_the_loop(
+    db_engine: AsyncEngine, settings: Settings, sync_writer: SyncWriter, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(app_db, "SYNC_WRITER_CHECKPOINT_SECONDS", 0.0)
+    checkpoints: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "wal_checkpoint" in statement:
+            checkpoints.append(statement)
+
+    event.listen(db_engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        writer = store.SubmissionWriter(db_engine, sync_writer)
+        for _ in range(3):
+            await writer.enqueue(store.jobs._new_job(JOB_IN, settings))
+            await sync_writer.close()  # waits for the checkpoint under way
+        await writer.close()
+    finally:
+        event.remove(db_engine.sync_engine, "before_cursor_execute", seen)
+    assert checkpoints == ["PRAGMA wal_checkpoint(PASSIVE)"] * 3
+    # Its own commits never checkpoint (that would block the loop on an fsync).
+    connection = sync_writer._connect()
+    assert connection.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+    assert await queued_count(db_engine) == 3

@@ -43,6 +43,7 @@ from app.db import (
     PreparedRead,
     Reader,
     SyncReader,
+    SyncWriter,
 )
 from app.errors import (
     IdempotencyKeyReused,
@@ -213,6 +214,15 @@ async def _add_jobs(
         _notify_statement(), {"notify_channel": SUBMISSIONS_CHANNEL, "notify_payload": ""}
     )
     await session.commit()
+
+
+async def _add_jobs_on(writer: SyncWriter, jobs: Sequence[dict[str, Any]]) -> bool:
+    """_add_jobs on a SQLite file's SyncWriter; False (nothing written) when another process
+    holds the write lock."""
+    dialect = writer.dialect
+    return await writer.insert(
+        _PREPARED_INSERT_JOB.sql(dialect), _PREPARED_INSERT_JOB.rows(dialect, jobs)
+    )
 
 
 async def _job_with_key(

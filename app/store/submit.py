@@ -14,13 +14,14 @@ from typing import Any
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.db import Reader
+from app.db import Reader, SyncWriter
 from app.errors import QueueFull
 from app.models import JobCreate, JobState
 from app.settings import Settings
 from app.store.jobs import (
     JOBS,
     _add_jobs,
+    _add_jobs_on,
     _check_owner_quota,
     _count_queued,
     _new_job,
@@ -96,8 +97,10 @@ class SubmissionWriter:
     Under load this is the difference between one write transaction per request, each
     holding SQLite's single writer across event-loop turns, and one per group."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, sync_writer: SyncWriter | None = None) -> None:
         self._engine = engine
+        # On a SQLite file: groups are written on the loop's thread (see SyncWriter).
+        self._sync_writer = sync_writer
         self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._writing: asyncio.Task[None] | None = None
         self._group_size = 0
@@ -123,8 +126,10 @@ class SubmissionWriter:
             group, self._pending = self._pending, []
             self._group_size = len(group)
             try:
-                async with self._engine.connect() as connection:
-                    await _add_jobs(connection, [row for row, _ in group])
+                rows = [row for row, _ in group]
+                if self._sync_writer is None or not await _add_jobs_on(self._sync_writer, rows):
+                    async with self._engine.connect() as connection:
+                        await _add_jobs(connection, rows)
             except Exception as exc:
                 self._group_size = 0
                 for _, future in group:
