@@ -26,6 +26,7 @@ from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic_core import from_json
 from starlette.routing import Match
 
 Scope = MutableMapping[str, Any]
@@ -60,7 +61,11 @@ def is_json_media_type(content_type: str) -> bool:
 
 def json_depth_exceeds(body: bytes, max_depth: int) -> bool:
     """Whether arrays and objects nest deeper than `max_depth` (brackets in strings aside)."""
-    brackets = _NOT_BRACKET.sub(b"", _JSON_STRING.sub(b"", body))
+    return _depth_exceeds(_JSON_STRING.sub(b"", body), max_depth)
+
+
+def _depth_exceeds(outside_strings: bytes, max_depth: int) -> bool:
+    brackets = _NOT_BRACKET.sub(b"", outside_strings)
     depth = 0
     for char in brackets:
         if char in b"[{":
@@ -70,6 +75,23 @@ def json_depth_exceeds(body: bytes, max_depth: int) -> bool:
         else:
             depth -= 1
     return False
+
+
+def _keys_if_finite(value: Any) -> int | None:
+    """How many keys the objects in a parsed JSON value have in all; None if it holds a
+    number that is not finite."""
+    keys = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            keys += len(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            return None
+    return keys
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> None:
@@ -104,10 +126,23 @@ def json_body_problem(body: bytes, max_depth: int) -> str | None:
         body.decode("utf-8")
     except UnicodeDecodeError as exc:
         return f"the body is not valid UTF-8 (byte {exc.start})"
-    if json_depth_exceeds(body, max_depth):
+    outside_strings = _JSON_STRING.sub(b"", body)
+    if _depth_exceeds(outside_strings, max_depth):
         return f"JSON nested deeper than {max_depth} levels"
-    if _LONG_DIGITS.search(_JSON_STRING.sub(b"", body)):
+    if _LONG_DIGITS.search(outside_strings):
         return f"JSON number with more than {MAX_INT_DIGITS} digits"
+    # The usual body, checked at once: pydantic-core parses it (keeping one value of a key
+    # that appears twice), and no key appeared twice if its objects hold as many keys as
+    # the body has colons outside its strings (each separates a key from its value). What
+    # pydantic-core refuses, or what this finds, is parsed again by the check below, which
+    # says what is wrong (or leaves it to the route).
+    try:
+        parsed = from_json(body, allow_inf_nan=False)
+    except ValueError:
+        pass
+    else:
+        if _keys_if_finite(parsed) == outside_strings.count(b":"):
+            return None
     try:
         json.loads(
             body,
