@@ -15,9 +15,6 @@ the reference, the spec, and what serves every other request.
   answered by the app's handler for it, as when a route raises it.
 """
 
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
-
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -26,14 +23,9 @@ from starlette._utils import get_route_path  # the path as the router matches it
 from starlette.requests import empty_receive
 
 from app.api import jobs
+from app.api.limits import ASGIApp, Receive, Scope, Send, replay_body
 from app.errors import JobdockError
 from app.models import JobCreate
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # A body as FastAPI reads it for a JobCreate parameter, but parsed by pydantic-core at once
 # (FastAPI runs json.loads, then validates the objects it made). Where the two could differ
@@ -133,13 +125,4 @@ async def _read_body(receive: Receive) -> tuple[bytes | None, Receive]:
         if not message.get("more_body", False):
             break
     body = b"".join(chunks)
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return body, replay
+    return body, replay_body(body, receive)

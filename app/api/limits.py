@@ -241,7 +241,7 @@ class RequestLimits:
             if problem is not None:
                 await _answer(send, 422, _invalid(["body"], problem))
                 return
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(scope, replay_body(body, receive), send)
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         chunks: list[bytes] = []
@@ -266,7 +266,7 @@ class RequestLimits:
                 return b"".join(chunks)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay_body(body: bytes, receive: Receive) -> Receive:
     """The body already read, then whatever the server says next (a disconnect)."""
     sent = False
 
