@@ -5,6 +5,7 @@ postgresql+asyncpg://jobdock:jobdock@127.0.0.1:5432/postgres, to run the suite t
 test directory then gets its own database on that server, dropped at the end of the run.
 """
 
+import asyncio
 import hashlib
 import os
 from pathlib import Path
@@ -53,7 +54,15 @@ async def drop_created_databases() -> None:
     server = server_url()
     if server is None or not _created:
         return
-    await _execute(
-        server, *(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in sorted(_created))
-    )
+    for name in sorted(_created):
+        # WITH (FORCE) ends the database's sessions, but may not end one of a role not ours:
+        # an autovacuum worker that happens to be on it. It ends soon; try again.
+        for attempt in range(20):
+            try:
+                await _execute(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                break
+            except asyncpg.InsufficientPrivilegeError:
+                if attempt == 19:
+                    raise
+                await asyncio.sleep(0.5)
     _created.clear()
