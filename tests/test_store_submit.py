@@ -431,3 +431,16 @@ async def test_the_loop_writer_has_the_wal_checkpointed_off_the_loop(
     connection = sync_writer._connect()
     assert connection.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
     assert await queued_count(db_engine) == 3
+
+
+async def test_a_group_holds_at_most_max_group_rows(
+    db_engine: AsyncEngine, settings: Settings, inserts: list[int]
+) -> None:
+    writer = store.SubmissionWriter(db_engine)
+    count = 2 * store.submit.MAX_GROUP + 10
+    await asyncio.gather(
+        *(writer.enqueue(store.jobs._new_job(JOB_IN, settings)) for _ in range(count))
+    )
+    await writer.close()
+    assert sum(inserts) == count and max(inserts) == store.submit.MAX_GROUP, inserts
+    assert await queued_count(db_engine) == count

@@ -89,6 +89,11 @@ class QueueRoom:
         self._probed_at = None
 
 
+# Rows in one group at most: on a SQLite file a group is written on the event loop's thread
+# (some 20 us a row), which must not stop for long whatever the load.
+MAX_GROUP = 256
+
+
 class SubmissionWriter:
     """Group commit of new jobs: `enqueue()`'s future is done once its row is committed, in
     one INSERT and one commit with every row added while the previous group was being
@@ -123,7 +128,8 @@ class SubmissionWriter:
 
     async def _write(self) -> None:
         while self._pending:
-            group, self._pending = self._pending, []
+            group = self._pending[:MAX_GROUP]
+            self._pending = self._pending[MAX_GROUP:]
             self._group_size = len(group)
             try:
                 rows = [row for row, _ in group]
