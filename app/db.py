@@ -282,9 +282,10 @@ class SyncReader:
 
 
 class PreparedRead:
-    """A SELECT compiled once for SQLite and then run on the raw sqlite3 connection of a
-    SyncReader, its parameters and columns converted by the same type processors that
-    SQLAlchemy would apply (UUIDs, JSON, UTC datetimes).
+    """A SELECT compiled once and then run on the raw driver connection, its parameters and
+    columns converted by the same type processors that SQLAlchemy would apply (UUIDs, JSON,
+    UTC datetimes): on SQLite on the raw sqlite3 connection of a SyncReader (`first`), on
+    PostgreSQL on the asyncpg connection under an AsyncConnection (`first_on`).
 
     SQLAlchemy's execute costs some 60 us per statement (an execution context, a cursor
     result, its row processing) against a few for a primary-key read in SQLite: for the
@@ -293,40 +294,89 @@ class PreparedRead:
 
     def __init__(self, statement: Executable) -> None:
         self.statement = statement
-        self._prepared: tuple[str, list[tuple[str, Any]], list[tuple[str, Any]]] | None = None
+        self._prepared: dict[str, _Prepared] = {}
 
-    def _prepare(
-        self, dialect: Dialect
-    ) -> tuple[str, list[tuple[str, Any]], list[tuple[str, Any]]]:
+    def _prepare(self, dialect: Dialect, column_types: Sequence[Any] | None = None) -> "_Prepared":
+        """`column_types`: the driver's type of each column, which some result processors
+        depend on (asyncpg's type OIDs, as SQLAlchemy passes them); SQLite's need none."""
         compiled: Any = self.statement.compile(dialect=dialect)  # type: ignore[attr-defined]
         processors = compiled._bind_processors
         binds = [(name, processors.get(name)) for name in compiled.positiontup or ()]
+        types = column_types or [None] * len(compiled._result_columns)
         columns = [
-            (entry.keyname, entry.type._cached_result_processor(dialect, None))
-            for entry in compiled._result_columns
+            (entry.keyname, entry.type._cached_result_processor(dialect, column_type))
+            for entry, column_type in zip(compiled._result_columns, types, strict=True)
         ]
-        self._prepared = (compiled.string, binds, columns)
-        return self._prepared
+        prepared = self._prepared[dialect.name] = (compiled.string, binds, columns)
+        return prepared
 
-    def first(
-        self, raw: sqlite3.Connection, dialect: Dialect, parameters: Mapping[str, Any]
-    ) -> dict[str, Any] | None:
-        sql, binds, columns = self._prepared or self._prepare(dialect)
-        values = [
+    @staticmethod
+    def _values(binds: list[tuple[str, Any]], parameters: Mapping[str, Any]) -> list[Any]:
+        return [
             parameters[name] if process is None else process(parameters[name])
             for name, process in binds
         ]
-        cursor = raw.execute(sql, values)
-        try:
-            row = cursor.fetchone()
-        finally:
-            cursor.close()
-        if row is None:
-            return None
+
+    @staticmethod
+    def _row(columns: list[tuple[str, Any]], row: Sequence[Any]) -> dict[str, Any]:
         return {
             name: value if process is None else process(value)
             for (name, process), value in zip(columns, row, strict=True)
         }
+
+    def first(
+        self, raw: sqlite3.Connection, dialect: Dialect, parameters: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        sql, binds, columns = self._prepared.get(dialect.name) or self._prepare(dialect)
+        cursor = raw.execute(sql, self._values(binds, parameters))
+        try:
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        return None if row is None else self._row(columns, row)
+
+    async def first_on(
+        self, connection: AsyncConnection, parameters: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """The same on PostgreSQL: the statement run by asyncpg itself (its statement cache
+        prepares it once per connection) on the connection's raw asyncpg connection, in the
+        connection's transaction if it has begun one."""
+        dialect = connection.dialect
+        # The checked-out connection's driver connection, without the trip through a
+        # greenlet that get_raw_connection() makes (a lost one raises, and read_first reads
+        # through SQLAlchemy).
+        sync = connection.sync_connection
+        pooled = sync.connection if sync is not None else await connection.get_raw_connection()
+        raw: Any = pooled.driver_connection
+        prepared = self._prepared.get(dialect.name)
+        if prepared is None:
+            sql = self.statement.compile(dialect=dialect).string  # type: ignore[attr-defined]
+            attributes = (await raw.prepare(sql)).get_attributes()
+            prepared = self._prepare(dialect, [attribute.type.oid for attribute in attributes])
+        sql, binds, columns = prepared
+        row = await raw.fetchrow(sql, *self._values(binds, parameters))
+        return None if row is None else self._row(columns, row)
+
+
+_Prepared = tuple[str, list[tuple[str, Any]], list[tuple[str, Any]]]
+
+
+async def read_first(
+    reader: "Reader", query: PreparedRead, parameters: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The first row of `query` by column name, or None: prepared on a SyncReader or a
+    PostgreSQL AsyncConnection, through SQLAlchemy on anything else. On PostgreSQL, if the
+    raw read fails, the same read is made through SQLAlchemy, which tells a lost connection
+    (and invalidates it in the pool) or raises the error as every other statement does."""
+    if isinstance(reader, SyncReader):
+        return reader.first(query, parameters)
+    if isinstance(reader, AsyncConnection) and reader.dialect.name == "postgresql":
+        try:
+            return await query.first_on(reader, parameters)
+        except Exception as exc:
+            logger.debug("a prepared read failed (%r); reading through SQLAlchemy", exc)
+    row = (await reader.execute(query.statement, parameters)).one_or_none()
+    return None if row is None else row._asdict()
 
 
 def _utc_text(value: datetime) -> str:

@@ -219,11 +219,19 @@ async def test_the_room_sees_other_processes_after_its_refresh(
     await room.take(reader, capped, 1)
 
 
+async def raw_read(reader: Any, query: Any, parameters: dict[str, Any]) -> Any:
+    """A prepared read on the raw connection itself (no fallback)."""
+    if isinstance(reader, SyncReader):
+        return reader.first(query, parameters)
+    return await query.first_on(reader, parameters)
+
+
 async def test_prepared_reads_read_what_sqlalchemy_reads(
     db_engine: AsyncEngine, settings: Settings, reader: Any
 ) -> None:
-    if not isinstance(reader, SyncReader):
-        pytest.skip("prepared reads are SQLite's (a SyncReader)")
+    """On SQLite on a SyncReader's raw sqlite3 connection; on PostgreSQL on the reader's raw
+    asyncpg connection (each checked by itself too: read_first would hide a failure of the
+    raw read behind SQLAlchemy's)."""
     sessions = create_session_factory(db_engine)
     owner = uuid.uuid4()
     job = await add_job(
@@ -246,6 +254,12 @@ async def test_prepared_reads_read_what_sqlalchemy_reads(
         expected_own = await store.read_job(session=connection, job_id=job.id, owner=owner)
     assert await store.read_job(session=reader, job_id=job.id) == expected
     assert await store.read_job(session=reader, job_id=job.id, owner=owner) == expected_own
+    for statement, parameters, wanted in (
+        (store.jobs._READ_JOB, {"read_id": job.id}, expected),
+        (store.jobs._READ_OWN_JOB, {"read_id": job.id, "read_owner": owner}, expected_own),
+        (store.jobs._READ_JOB, {"read_id": uuid.uuid4()}, None),
+    ):
+        assert await raw_read(reader, store.jobs._PREPARED_READS[statement], parameters) == wanted
     assert expected["finished_at"] is not None and expected["finished_at"].tzinfo is not None
     assert expected["labels"] == {"team": "ml"}
     with pytest.raises(JobNotFound):
@@ -260,6 +274,9 @@ async def test_prepared_reads_read_what_sqlalchemy_reads(
     found = await key_store.find_active_key(session=reader, key_hash="ab" * 32)
     async with db_engine.connect() as connection:
         assert found == await key_store.find_active_key(session=connection, key_hash="ab" * 32)
+    prepared_key = key_store._PREPARED_FIND_ACTIVE_KEY
+    assert await raw_read(reader, prepared_key, {"key_hash": "ab" * 32}) == found
+    assert await raw_read(reader, key_store._PREPARED_ANY_ACTIVE_KEY, {}) == {"any_active": True}
     assert found is not None and found["id"] == key.id and found["max_queued"] == 7
     assert await key_store.find_active_key(session=reader, key_hash="cd" * 32) is None
 
@@ -444,3 +461,21 @@ async def test_a_group_holds_at_most_max_group_rows(
     await writer.close()
     assert sum(inserts) == count and max(inserts) == store.submit.MAX_GROUP, inserts
     assert await queued_count(db_engine) == count
+
+
+async def test_a_failed_raw_read_is_made_through_sqlalchemy(
+    db_engine: AsyncEngine, reader: Any, monkeypatch: Any
+) -> None:
+    """On PostgreSQL a prepared read that fails (a lost connection, say) is made again
+    through SQLAlchemy, which handles the connection as for every other statement."""
+    if isinstance(reader, SyncReader):
+        pytest.skip("PostgreSQL's prepared reads fall back to SQLAlchemy")
+    job = await add_job(create_session_factory(db_engine))
+
+    async def lost(*_: Any) -> Any:
+        raise ConnectionError("the connection was lost")
+
+    monkeypatch.setattr(app_db.PreparedRead, "first_on", lost)
+    found = await store.read_job(session=reader, job_id=job.id)
+    assert found["id"] == job.id
+    assert await key_store.any_active_key(session=reader) is False

@@ -42,8 +42,8 @@ from app.db import (
     PreparedInsert,
     PreparedRead,
     Reader,
-    SyncReader,
     SyncWriter,
+    read_first,
 )
 from app.errors import (
     IdempotencyKeyReused,
@@ -1025,7 +1025,7 @@ _READ_JOB = select(*(JOBS.c[name] for name in JobPublic.model_fields)).where(
     JOBS.c.id == bindparam("read_id")
 )
 _READ_OWN_JOB = _READ_JOB.where(JOBS.c.owner == bindparam("read_owner"))
-# The same reads for a SyncReader, on its raw sqlite3 connection.
+# The same reads on the raw driver connection (see app.db.read_first).
 _PREPARED_READS = {statement: PreparedRead(statement) for statement in (_READ_JOB, _READ_OWN_JOB)}
 
 
@@ -1091,11 +1091,11 @@ async def read_job(
         if owner is None
         else (_READ_OWN_JOB, {"read_id": job_id, "read_owner": owner})
     )
-    if isinstance(session, SyncReader):
-        job = session.first(_PREPARED_READS[statement], parameters)
-    else:
+    if isinstance(session, AsyncSession):
         row = (await session.execute(statement, parameters)).one_or_none()
         job = None if row is None else row._asdict()
+    else:
+        job = await read_first(session, _PREPARED_READS[statement], parameters)
     if job is None:
         raise JobNotFound(f"no job has the id {job_id}")
     return job

@@ -9,7 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
-from app.db import PreparedRead, Reader, SyncReader
+from app.db import PreparedRead, Reader, read_first
 from app.errors import ApiKeyNameTaken, ApiKeyNotFound
 from app.models import ApiKey, Job, JobState, utc_now
 
@@ -69,7 +69,7 @@ _FIND_ACTIVE_KEY = select(
     _KEYS.id, _KEYS.name, _KEYS.key_hash, _KEYS.admin, _KEYS.max_queued, _KEYS.max_running
 ).where(_KEYS.key_hash == bindparam("key_hash"), _KEYS.revoked_at.is_(None))
 _ANY_ACTIVE_KEY = select(exists().where(_KEYS.revoked_at.is_(None)).label("any_active"))
-# The same for a SyncReader, on its raw sqlite3 connection.
+# The same on the raw driver connection (see app.db.read_first).
 _PREPARED_FIND_ACTIVE_KEY = PreparedRead(_FIND_ACTIVE_KEY)
 _PREPARED_ANY_ACTIVE_KEY = PreparedRead(_ANY_ACTIVE_KEY)
 
@@ -78,18 +78,18 @@ async def find_active_key(*, session: Reader, key_hash: str) -> dict[str, Any] |
     """The active key with this hash: its id, name, key_hash, admin, max_queued and
     max_running by name (not the ORM object: this runs on every request, on a session, a
     bare connection or a SyncReader)."""
-    if isinstance(session, SyncReader):
-        return session.first(_PREPARED_FIND_ACTIVE_KEY, {"key_hash": key_hash})
-    row = (await session.execute(_FIND_ACTIVE_KEY, {"key_hash": key_hash})).one_or_none()
-    return None if row is None else row._asdict()
+    if isinstance(session, AsyncSession):
+        row = (await session.execute(_FIND_ACTIVE_KEY, {"key_hash": key_hash})).one_or_none()
+        return None if row is None else row._asdict()
+    return await read_first(session, _PREPARED_FIND_ACTIVE_KEY, {"key_hash": key_hash})
 
 
 async def any_active_key(*, session: Reader) -> bool:
     """Whether the service requires keys: some key exists that is not revoked."""
-    if isinstance(session, SyncReader):
-        row = session.first(_PREPARED_ANY_ACTIVE_KEY, {})
-        return row is not None and bool(next(iter(row.values())))
-    return bool((await session.execute(_ANY_ACTIVE_KEY)).scalar_one())
+    if isinstance(session, AsyncSession):
+        return bool((await session.execute(_ANY_ACTIVE_KEY)).scalar_one())
+    row = await read_first(session, _PREPARED_ANY_ACTIVE_KEY, {})
+    return row is not None and bool(row["any_active"])
 
 
 async def count_active_jobs(*, session: AsyncSession, owner: uuid.UUID) -> tuple[int, int]:
