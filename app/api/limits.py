@@ -59,12 +59,9 @@ def is_json_media_type(content_type: str) -> bool:
     )
 
 
-def json_depth_exceeds(body: bytes, max_depth: int) -> bool:
-    """Whether arrays and objects nest deeper than `max_depth` (brackets in strings aside)."""
-    return _depth_exceeds(_JSON_STRING.sub(b"", body), max_depth)
-
-
 def _depth_exceeds(outside_strings: bytes, max_depth: int) -> bool:
+    """Whether arrays and objects nest deeper than `max_depth` in a body with its strings
+    taken out."""
     brackets = _NOT_BRACKET.sub(b"", outside_strings)
     depth = 0
     for char in brackets:
