@@ -296,10 +296,14 @@ class PreparedRead:
         self.statement = statement
         self._prepared: dict[str, _Prepared] = {}
 
-    def _prepare(self, dialect: Dialect, column_types: Sequence[Any] | None = None) -> "_Prepared":
+    def _prepare(
+        self, dialect: Dialect, column_types: Sequence[Any] | None = None, compiled: Any = None
+    ) -> "_Prepared":
         """`column_types`: the driver's type of each column, which some result processors
-        depend on (asyncpg's type OIDs, as SQLAlchemy passes them); SQLite's need none."""
-        compiled: Any = self.statement.compile(dialect=dialect)  # type: ignore[attr-defined]
+        depend on (asyncpg's type OIDs, as SQLAlchemy passes them); SQLite's need none.
+        `compiled`: the statement compiled for `dialect`, if it already is."""
+        if compiled is None:
+            compiled = self.statement.compile(dialect=dialect)  # type: ignore[attr-defined]
         processors = compiled._bind_processors
         binds = [(name, processors.get(name)) for name in compiled.positiontup or ()]
         types = column_types or [None] * len(compiled._result_columns)
@@ -350,9 +354,11 @@ class PreparedRead:
         raw: Any = pooled.driver_connection
         prepared = self._prepared.get(dialect.name)
         if prepared is None:
-            sql = self.statement.compile(dialect=dialect).string  # type: ignore[attr-defined]
-            attributes = (await raw.prepare(sql)).get_attributes()
-            prepared = self._prepare(dialect, [attribute.type.oid for attribute in attributes])
+            compiled = self.statement.compile(dialect=dialect)  # type: ignore[attr-defined]
+            attributes = (await raw.prepare(compiled.string)).get_attributes()
+            prepared = self._prepare(
+                dialect, [attribute.type.oid for attribute in attributes], compiled
+            )
         sql, binds, columns = prepared
         row = await raw.fetchrow(sql, *self._values(binds, parameters))
         return None if row is None else self._row(columns, row)

@@ -15,10 +15,13 @@ the reference, the spec, and what serves every other request.
   answered by the app's handler for it, as when a route raises it.
 """
 
+from typing import Any
+
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
+from starlette._exception_handler import _lookup_exception_handler
 from starlette._utils import get_route_path  # the path as the router matches it
 from starlette.requests import empty_receive
 
@@ -102,15 +105,15 @@ class HotRoutes:
 
 
 async def _handled(request: Request, exc: Exception) -> Response:
-    """The answer of the app's handler for `exc` (found as Starlette finds it: by the
-    exception's classes, most specific first), as the route's exception would get."""
-    handlers = request.app.exception_handlers
-    for kind in type(exc).__mro__:
-        handler = handlers.get(kind)
-        if handler is not None:
-            response: Response = await handler(request, exc)
-            return response
-    raise exc
+    """The answer of the app's handler for `exc`, found by Starlette's own lookup, as the
+    route's exception would get it."""
+    # The app's handlers are all `async def (request, exc) -> Response` (app.api.errors,
+    # FastAPI's own); Starlette's type also allows WebSocket and plain functions.
+    handler: Any = _lookup_exception_handler(request.app.exception_handlers, exc)
+    if handler is None:
+        raise exc
+    response: Response = await handler(request, exc)
+    return response
 
 
 async def _read_body(receive: Receive) -> tuple[bytes | None, Receive]:

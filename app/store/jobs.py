@@ -1091,11 +1091,7 @@ async def read_job(
         if owner is None
         else (_READ_OWN_JOB, {"read_id": job_id, "read_owner": owner})
     )
-    if isinstance(session, AsyncSession):
-        row = (await session.execute(statement, parameters)).one_or_none()
-        job = None if row is None else row._asdict()
-    else:
-        job = await read_first(session, _PREPARED_READS[statement], parameters)
+    job = await read_first(session, _PREPARED_READS[statement], parameters)
     if job is None:
         raise JobNotFound(f"no job has the id {job_id}")
     return job

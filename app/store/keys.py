@@ -78,16 +78,11 @@ async def find_active_key(*, session: Reader, key_hash: str) -> dict[str, Any] |
     """The active key with this hash: its id, name, key_hash, admin, max_queued and
     max_running by name (not the ORM object: this runs on every request, on a session, a
     bare connection or a SyncReader)."""
-    if isinstance(session, AsyncSession):
-        row = (await session.execute(_FIND_ACTIVE_KEY, {"key_hash": key_hash})).one_or_none()
-        return None if row is None else row._asdict()
     return await read_first(session, _PREPARED_FIND_ACTIVE_KEY, {"key_hash": key_hash})
 
 
 async def any_active_key(*, session: Reader) -> bool:
     """Whether the service requires keys: some key exists that is not revoked."""
-    if isinstance(session, AsyncSession):
-        return bool((await session.execute(_ANY_ACTIVE_KEY)).scalar_one())
     row = await read_first(session, _PREPARED_ANY_ACTIVE_KEY, {})
     return row is not None and bool(row["any_active"])
 
